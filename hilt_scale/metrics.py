@@ -1,0 +1,139 @@
+"""The nine report-generation metrics of the HILT paper, computed offline the way R2Gen does.
+
+BLEU-1..4, METEOR (Java METEOR 1.5), ROUGE-L and CIDEr-D come from the pycocoevalcap scorers,
+called one by one (never ``COCOEvalCap.evaluate()`` or SPICE: those download models). ROUGE-1 and
+ROUGE-2 come from rouge-score (F1). Every scorer sees the same normalised text (see
+``normalize``), and every value is on a 0-100 scale (CIDEr-D multiplied by 100 like the rest).
+``average`` is the paper's "averaged metric": the mean of the nine, or of those available
+(``average_of`` lists them; ``unavailable`` says why a metric is missing, e.g. no Java).
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+import shutil
+import threading
+from collections.abc import Sequence
+
+METRIC_NAMES: tuple[str, ...] = (
+    "bleu1",
+    "bleu2",
+    "bleu3",
+    "bleu4",
+    "meteor",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "cider",
+)
+
+# A token is a run of letters/digits; hyphens, apostrophes and slashes inside a word and the dot
+# inside a decimal number keep it whole ("effusion-thickening", "7th-8th", "3.3", "13x9.3"), as
+# the PTB tokenizer does. Everything else (punctuation, brackets, symbols) is dropped, as
+# pycocoevalcap drops PTB punctuation tokens.
+_TOKEN = re.compile(r"[^\W_]+(?:(?:[-'/]|(?<=\d)\.(?=\d))[^\W_]+)*")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, PTB-style word tokens joined by single spaces, punctuation removed."""
+    return " ".join(_TOKEN.findall(text.lower()))
+
+
+_meteor_lock = threading.Lock()
+_meteor_scorer = None
+_meteor_error: str | None = None
+
+
+def meteor_scorer():
+    """Return a cached pycocoevalcap Meteor scorer (one JVM per process), or raise RuntimeError."""
+    global _meteor_scorer, _meteor_error
+    with _meteor_lock:
+        if _meteor_scorer is not None:
+            return _meteor_scorer
+        if shutil.which("java") is None:
+            # Not cached: a later call with Java on PATH may succeed.
+            raise RuntimeError("java not found on PATH (METEOR 1.5 is a Java program)")
+        if _meteor_error is not None:
+            raise RuntimeError(_meteor_error)
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        try:
+            scorer = Meteor()
+            # Check the JVM really answers before trusting it with a whole evaluation set.
+            scorer.compute_score({0: ["a b"]}, {0: ["a b"]})
+        except Exception as exc:  # JVM start failures surface as OSError, ValueError, ...
+            _meteor_error = f"METEOR failed to start: {type(exc).__name__}: {exc}"
+            raise RuntimeError(_meteor_error) from exc
+        _meteor_scorer = scorer
+        atexit.register(_close_meteor)
+        return scorer
+
+
+def _close_meteor() -> None:
+    """Stop the METEOR JVM at interpreter exit."""
+    global _meteor_scorer
+    if _meteor_scorer is not None:
+        _meteor_scorer.meteor_p.kill()
+        _meteor_scorer.meteor_p.wait()
+        _meteor_scorer = None
+
+
+def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """Corpus scores and per-report scores (0-100) of the nine metrics; see ``compute_metrics``."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if not references:
+        raise ValueError("no reports to score")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from rouge_score.rouge_scorer import RougeScorer
+
+    gts = {i: [normalize(r)] for i, r in enumerate(references)}
+    res = {i: [normalize(h)] for i, h in enumerate(hypotheses)}
+    corpus: dict[str, float] = {}
+    per: dict[str, list[float]] = {}
+    unavailable: dict[str, str] = {}
+
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    for n in range(4):
+        corpus[f"bleu{n + 1}"] = 100.0 * bleu[n]
+        per[f"bleu{n + 1}"] = [100.0 * s for s in bleu_each[n]]
+    try:
+        meteor, meteor_each = meteor_scorer().compute_score(gts, res)
+        corpus["meteor"] = 100.0 * meteor
+        per["meteor"] = [100.0 * s for s in meteor_each]
+    except RuntimeError as exc:
+        unavailable["meteor"] = str(exc)
+    # rouge-score's default tokenizer (no stemming) splits the normalised text again on any
+    # non-alphanumeric character, so "effusion-thickening" counts as two ROUGE-1 tokens.
+    scorer = RougeScorer(["rouge1", "rouge2"])
+    pairs = [scorer.score(gts[i][0], res[i][0]) for i in gts]
+    for name in ("rouge1", "rouge2"):
+        per[name] = [100.0 * p[name].fmeasure for p in pairs]
+        corpus[name] = sum(per[name]) / len(per[name])
+    rouge_l, rouge_l_each = Rouge().compute_score(gts, res)
+    corpus["rougeL"] = 100.0 * float(rouge_l)
+    per["rougeL"] = [100.0 * float(s) for s in rouge_l_each]
+    cider, cider_each = Cider().compute_score(gts, res)
+    corpus["cider"] = 100.0 * float(cider)
+    per["cider"] = [100.0 * float(s) for s in cider_each]
+    return {"corpus": corpus, "per_report": per, "unavailable": unavailable}
+
+
+def compute_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """Nine report metrics and their average on 0-100; ``unavailable`` maps metric -> reason.
+
+    BLEU, METEOR, ROUGE-L and CIDEr-D are corpus-level scores of the pycocoevalcap scorers;
+    ROUGE-1/2 are the mean per-report F1 of rouge-score. CIDEr-D's IDF comes from the references
+    given, so CIDEr (and the average) depends on the evaluation set, not only on each report.
+    """
+    scores = per_report_scores(references, hypotheses)
+    out: dict = {name: scores["corpus"][name] for name in METRIC_NAMES if name in scores["corpus"]}
+    covered = [name for name in METRIC_NAMES if name in out]
+    out["average"] = sum(out[name] for name in covered) / len(covered)
+    out["average_of"] = covered
+    out["unavailable"] = scores["unavailable"]
+    out["n"] = len(references)
+    return out
