@@ -1,0 +1,393 @@
+"""Typed model configuration and its named presets (vision, connector, LLM, resolution).
+
+Presets are plain dataclass instances keyed by name; ``model_config()`` assembles one from preset
+names and ``apply_overrides()`` applies ``section.field=value`` strings, so the trainer's CLI can
+change any field without this module knowing about argparse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+Size3 = tuple[int, int, int]
+
+CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d")
+ATTN_IMPLS = ("eager", "sdpa", "triton")
+ATTN_SCALES = ("rsqrt", "paper")
+QUANTIZATIONS = ("none", "nf4")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class VisionConfig:
+    """3D ViT encoder: width, depth, heads; patch size lives in ResolutionConfig."""
+
+    name: str = "vit-micro"
+    width: int = 64
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class ConnectorConfig:
+    """How vision tokens become LLM tokens: HILT or one of the paper's ablations."""
+
+    kind: str = "hilt"
+    # HILT attention implementation; "triton" falls back to "sdpa" without CUDA/Triton.
+    attn_impl: str = "sdpa"
+    # "rsqrt" = softmax(QK^T / sqrt(C)) V (default, see docs/MODEL.md); "paper" = literal, scale 1.
+    attn_scale: str = "rsqrt"
+    # random-queries: number of learned queries (BLIP-style ablation).
+    num_queries: int = 64
+    # pooled: output token grid (D, H, W) after adaptive average pooling of the HR tokens.
+    pool_grid: Size3 = (4, 4, 4)
+    # Hidden width of the 2-layer MLP projector; 0 = the LLM width.
+    projector_hidden: int = 0
+
+
+@dataclass(kw_only=True)
+class LLMConfig:
+    """A causal LM: architecture numbers (for meta-device builds) and where weights live."""
+
+    name: str = "llm-tiny"
+    # Local directory or hub id; None = random init from the numbers below (llm-tiny).
+    path: str | None = None
+    # A saved tokenizer directory (save_pretrained); used before training a new one.
+    tokenizer_path: str | None = None
+    model_type: str = "llama"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 688
+    vocab_size: int = 2048
+    max_position: int = 1024
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    quantization: str = "none"
+    lora: bool = True
+    lora_r: int = 128
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    # Extra LLM modules trained in full (peft modules_to_save), e.g. lm_head of a random-init LLM.
+    train_modules: tuple[str, ...] = ()
+    # "auto" = flash_attention_2 when installed and on CUDA, else sdpa.
+    attn_implementation: str = "auto"
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class ResolutionConfig:
+    """HR and LR volume sizes and the ViT patch, all (D, H, W) in voxels."""
+
+    name: str = "cpu-small"
+    hr_size: Size3 = (32, 128, 128)
+    lr_size: Size3 = (16, 64, 64)
+    patch_size: Size3 = (4, 16, 16)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Everything needed to build a HiltReportModel."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    resolution: ResolutionConfig = field(default_factory=ResolutionConfig)
+    prompt: str = "<image>\nWrite the findings of this chest CT report."
+    image_placeholder: str = "<image>"
+    # LLM sequence budget: prompt + visual tokens + report.
+    max_length: int = 512
+
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    "vit-micro": VisionConfig(name="vit-micro", width=64, depth=2, heads=2),
+    "vit-tiny": VisionConfig(name="vit-tiny", width=192, depth=12, heads=3),
+    "vit-small": VisionConfig(name="vit-small", width=384, depth=12, heads=6),
+    "vit-base": VisionConfig(name="vit-base", width=768, depth=12, heads=12),
+}
+
+_LLAMA3_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LLM_PRESETS: dict[str, LLMConfig] = {
+    # Random-init Llama-style model for CPU runs and tests; vocab comes from the trained tokenizer.
+    "llm-tiny": LLMConfig(name="llm-tiny", train_modules=("lm_head",)),
+    # A smaller one for unit tests.
+    "llm-micro": LLMConfig(
+        name="llm-micro",
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+    ),  # fmt: skip
+    "llama3-8b": LLMConfig(
+        name="llama3-8b",
+        path="meta-llama/Meta-Llama-3-8B-Instruct",
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position=8192,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+        lora_targets=_LLAMA3_TARGETS,
+    ),  # fmt: skip
+    "llama3-70b": LLMConfig(
+        name="llama3-70b",
+        path="meta-llama/Meta-Llama-3-70B-Instruct",
+        hidden_size=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        intermediate_size=28672,
+        vocab_size=128256,
+        max_position=8192,
+        rope_theta=500000.0,
+        dtype="bfloat16",
+        quantization="nf4",
+        lora_targets=_LLAMA3_TARGETS,
+    ),  # fmt: skip
+    "llama2-7b": LLMConfig(
+        name="llama2-7b",
+        path="meta-llama/Llama-2-7b-chat-hf",
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        max_position=4096,
+        rope_theta=10000.0,
+        dtype="bfloat16",
+        lora_targets=_LLAMA3_TARGETS,
+    ),  # fmt: skip
+    "mistral-7b": LLMConfig(
+        name="mistral-7b",
+        path="mistralai/Mistral-7B-Instruct-v0.2",
+        model_type="mistral",
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        vocab_size=32000,
+        max_position=32768,
+        rope_theta=1000000.0,
+        dtype="bfloat16",
+        lora_targets=_LLAMA3_TARGETS,
+    ),  # fmt: skip
+}
+
+RESOLUTION_PRESETS: dict[str, ResolutionConfig] = {
+    # The paper: HR 512x512x256 (H x W x D) -> 4096 tokens, LR 128x128x64 -> 64 tokens.
+    "paper": ResolutionConfig(
+        name="paper", hr_size=(256, 512, 512), lr_size=(64, 128, 128), patch_size=(16, 32, 32)
+    ),
+    # Normal resolution: HR 256x256x128 -> 512 tokens, same LR view.
+    "normal": ResolutionConfig(
+        name="normal", hr_size=(128, 256, 256), lr_size=(64, 128, 128), patch_size=(16, 32, 32)
+    ),
+    # CPU-sized, 64 LR tokens like the paper: HR 32x128x128 -> 8*8*8 = 512 tokens, LR 16x64x64 -> 64.
+    "cpu-small": ResolutionConfig(
+        name="cpu-small", hr_size=(32, 128, 128), lr_size=(16, 64, 64), patch_size=(4, 16, 16)
+    ),
+    # Faster CPU preset: HR 32x64x64 -> 512 tokens, LR 16x32x32 -> 64 tokens.
+    "cpu-tiny": ResolutionConfig(
+        name="cpu-tiny", hr_size=(32, 64, 64), lr_size=(16, 32, 32), patch_size=(4, 8, 8)
+    ),
+    # Unit tests: HR 16x32x32 -> 64 tokens, LR 8x16x16 -> 8 tokens.
+    "cpu-micro": ResolutionConfig(
+        name="cpu-micro", hr_size=(16, 32, 32), lr_size=(8, 16, 16), patch_size=(4, 8, 8)
+    ),
+}
+
+_SECTION_PRESETS: dict[str, dict[str, Any]] = {
+    "vision": VISION_PRESETS,
+    "llm": LLM_PRESETS,
+    "resolution": RESOLUTION_PRESETS,
+}
+
+
+def preset(section: str, name: str) -> Any:
+    """Return a fresh copy of a named preset of ``section`` (vision, llm, resolution)."""
+    table = _SECTION_PRESETS.get(section)
+    if table is None:
+        raise KeyError(f"unknown config section {section!r}; expected one of {sorted(_SECTION_PRESETS)}")
+    if section == "llm" and name not in table:
+        # Not a preset: a local directory or hub id whose numbers come from its own config.json.
+        return dataclasses.replace(LLMConfig(), name=name, path=name, dtype="bfloat16", train_modules=())
+    if name not in table:
+        raise KeyError(f"unknown {section} preset {name!r}; expected one of {sorted(table)}")
+    return dataclasses.replace(table[name])
+
+
+def model_config(
+    vision: str = "vit-micro",
+    connector: str = "hilt",
+    llm: str = "llm-tiny",
+    resolution: str = "cpu-small",
+    overrides: dict[str, str] | list[str] | None = None,
+) -> ModelConfig:
+    """Assemble a ModelConfig from preset names, then apply ``section.field=value`` overrides."""
+    if connector not in CONNECTOR_KINDS:
+        raise ValueError(f"unknown connector {connector!r}; expected one of {CONNECTOR_KINDS}")
+    cfg = ModelConfig(
+        vision=preset("vision", vision),
+        connector=ConnectorConfig(kind=connector),
+        llm=preset("llm", llm),
+        resolution=preset("resolution", resolution),
+    )
+    return apply_overrides(cfg, overrides or {})
+
+
+def parse_size(text: str) -> Size3:
+    """Parse ``"D,H,W"`` (or ``DxHxW``) into a (D, H, W) tuple of ints."""
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 3:
+        raise ValueError(f"expected three sizes D,H,W, got {text!r}")
+    return tuple(int(p) for p in parts)  # type: ignore[return-value]
+
+
+def _parse_value(tp: Any, text: str, where: str) -> Any:
+    """Convert CLI text to the annotated field type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _parse_value(next(a for a in args if a is not type(None)), text, where)
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{where}: expected a boolean, got {text!r}")
+    if origin is tuple:
+        items = [t for t in text.replace("x", ",").split(",") if t] if args[0] is int else text.split(",")
+        items = [t.strip() for t in items if t.strip()]
+        return tuple(_parse_value(args[0], t, where) for t in items)
+    try:
+        return tp(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: cannot parse {text!r} as {getattr(tp, '__name__', tp)}") from exc
+
+
+def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any] | list[str]) -> ModelConfig:
+    """Return a copy of ``cfg`` with ``{"llm.lora_r": "16"}`` or ``["llm.lora_r=16"]`` applied.
+
+    Values may be strings (parsed by the field's type) or already-typed values.
+    """
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like section.field=value")
+            key, value = item.split("=", 1)
+            pairs[key] = value
+        overrides = pairs
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    top: dict[str, Any] = {}
+    changes: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        target = sections.get(section) if section else cfg
+        if target is None or not dataclasses.is_dataclass(target):
+            raise KeyError(
+                f"override {key!r}: unknown section {section!r}; expected one of {sorted(sections)}"
+            )
+        hints = typing.get_type_hints(type(target))
+        if name not in hints or (not section and dataclasses.is_dataclass(sections.get(name))):
+            raise KeyError(f"override {key!r}: {type(target).__name__} has no field {name!r}")
+        if isinstance(value, str):
+            value = _parse_value(hints[name], value, key)
+        (changes.setdefault(section, {}) if section else top)[name] = value
+    new = {s: dataclasses.replace(sections[s], **changes.get(s, {})) for s in sections if s in changes}
+    cfg = dataclasses.replace(cfg, **new, **top)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Raise ValueError naming the field when the config cannot build a model."""
+    c, r, v, m = cfg.connector, cfg.resolution, cfg.vision, cfg.llm
+    if c.kind not in CONNECTOR_KINDS:
+        raise ValueError(f"connector.kind={c.kind!r}; expected one of {CONNECTOR_KINDS}")
+    if c.attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"connector.attn_impl={c.attn_impl!r}; expected one of {ATTN_IMPLS}")
+    if c.attn_scale not in ATTN_SCALES:
+        raise ValueError(f"connector.attn_scale={c.attn_scale!r}; expected one of {ATTN_SCALES}")
+    if m.quantization not in QUANTIZATIONS:
+        raise ValueError(f"llm.quantization={m.quantization!r}; expected one of {QUANTIZATIONS}")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"llm.dtype={m.dtype!r}; expected one of {DTYPES}")
+    if v.width % v.heads:
+        raise ValueError(f"vision.width={v.width} is not divisible by vision.heads={v.heads}")
+    for name in ("hr_size", "lr_size"):
+        size = getattr(r, name)
+        bad = [s % p for s, p in zip(size, r.patch_size)]
+        if any(bad):
+            raise ValueError(
+                f"resolution.{name}={size} is not a multiple of resolution.patch_size={r.patch_size}"
+            )
+    if cfg.image_placeholder not in cfg.prompt:
+        raise ValueError(f"prompt {cfg.prompt!r} lacks the image placeholder {cfg.image_placeholder!r}")
+
+
+def grid(size: Size3, patch: Size3) -> Size3:
+    """Token grid (D, H, W) of a volume of ``size`` cut into ``patch``-sized patches."""
+    return tuple(s // p for s, p in zip(size, patch))  # type: ignore[return-value]
+
+
+def to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """JSON-ready dict of a ModelConfig (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig from ``to_dict`` output (e.g. an export's config.json)."""
+    kinds = {
+        "vision": VisionConfig,
+        "connector": ConnectorConfig,
+        "llm": LLMConfig,
+        "resolution": ResolutionConfig,
+    }
+    parts: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in kinds:
+            hints = typing.get_type_hints(kinds[key])
+            fixed = {
+                k: tuple(x) if isinstance(x, list) and typing.get_origin(hints.get(k)) is tuple else x
+                for k, x in value.items()
+            }
+            unknown = set(fixed) - set(hints)
+            if unknown:
+                raise KeyError(f"model config section {key!r} has unknown keys {sorted(unknown)}")
+            parts[key] = kinds[key](**fixed)
+        else:
+            parts[key] = value
+    cfg = ModelConfig(**parts)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,117 @@
+"""The paper's connector ablations beside HILT, and ``build_connector`` that picks one by name.
+
+- ``random-queries``: N' learned queries attend to the HR tokens (BLIP/Q-Former-style).
+- ``all-tokens``: every HR token is projected into the LLM (RadFM-style); grows with HR size.
+- ``pooled``: HR tokens average-pooled on their 3D grid to a fixed grid, then projected (M3D-style).
+- ``2d``: the LR volume as a multichannel 2D image (slices = channels), all patch tokens projected
+  (LLaVA-1.5 / R2GenGPT-style); the model builds its ViT with a patch spanning the whole depth.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hilt_scale.config import ConnectorConfig, Size3
+from hilt_scale.hilt import HiltConnector, MLPProjector, attn_scale_value, hilt_attention
+
+
+def _count(grid: Size3) -> int:
+    return grid[0] * grid[1] * grid[2]
+
+
+class RandomQueryConnector(nn.Module):
+    """N' learned queries in place of Z_LR, same residual attention and projector as HILT."""
+
+    needs_hr = True
+    needs_lr = False
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.attn_impl = cfg.attn_impl
+        self.scale = attn_scale_value(cfg.attn_scale, vision_width)
+        self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, vision_width) * 0.02)
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """Always the number of learned queries."""
+        return self.queries.shape[1]
+
+    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        q = self.queries.expand(z_hr.shape[0], -1, -1).to(z_hr.dtype)
+        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl))
+
+
+class AllTokensConnector(nn.Module):
+    """Every HR token through the projector: the LLM sequence grows with the HR volume."""
+
+    needs_hr = True
+    needs_lr = False
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """One per HR token."""
+        return _count(hr_grid)
+
+    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        return self.projector(z_hr)
+
+
+class PooledConnector(nn.Module):
+    """Adaptive average pooling of HR tokens on their (D, H, W) grid, then the projector."""
+
+    needs_hr = True
+    needs_lr = False
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.pool_grid = tuple(cfg.pool_grid)
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """The fixed pooled grid's size."""
+        return _count(self.pool_grid)
+
+    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        b, n, c = z_hr.shape
+        x = z_hr.transpose(1, 2).reshape(b, c, *hr_grid)
+        x = F.adaptive_avg_pool3d(x, self.pool_grid).flatten(2).transpose(1, 2)
+        return self.projector(x)
+
+
+class Flat2DConnector(nn.Module):
+    """Projects the 2D-patch tokens of the LR view (the ViT's patch spans all slices)."""
+
+    needs_hr = False
+    needs_lr = True
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """One per 2D patch of the LR view."""
+        return _count(lr_grid)
+
+    def forward(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
+        return self.projector(z_lr)
+
+
+CONNECTORS: dict[str, type[nn.Module]] = {
+    "hilt": HiltConnector,
+    "random-queries": RandomQueryConnector,
+    "all-tokens": AllTokensConnector,
+    "pooled": PooledConnector,
+    "2d": Flat2DConnector,
+}
+
+
+def build_connector(cfg: ConnectorConfig, vision_width: int, llm_width: int) -> nn.Module:
+    """Instantiate the connector named by ``cfg.kind``."""
+    if cfg.kind not in CONNECTORS:
+        raise ValueError(f"connector.kind={cfg.kind!r}; expected one of {sorted(CONNECTORS)}")
+    return CONNECTORS[cfg.kind](cfg, vision_width, llm_width)

@@ -1,0 +1,102 @@
+"""HILT connector: ``Z = F(Q + softmax(Q K^T * s) V)`` with Q = Z_LR and K = V = Z_HR.
+
+The paper's cross-attention has no projections: the LR tokens query the HR tokens of the same
+ViT directly, so the number of tokens reaching the LLM is the LR token count whatever the HR size.
+F is a 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu) into the LLM width.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hilt_scale.config import ConnectorConfig, Size3
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Warn one time per message, so a fallback inside the step loop does not flood the log."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def attn_scale_value(attn_scale: str, width: int) -> float:
+    """Softmax scale: 1/sqrt(C) for ``"rsqrt"``, 1.0 for the paper's literal ``"paper"`` formula."""
+    if attn_scale == "rsqrt":
+        return 1.0 / math.sqrt(width)
+    if attn_scale == "paper":
+        return 1.0
+    raise ValueError(f"connector.attn_scale={attn_scale!r}; expected 'rsqrt' or 'paper'")
+
+
+def _triton_hilt_attention():
+    """The Triton kernel from ``kernels`` when it can run here (CUDA + Triton), else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import kernels  # noqa: PLC0415 - optional, written in parallel; import only when asked for
+
+        if hasattr(kernels, "triton_available") and not kernels.triton_available():
+            return None
+        return getattr(kernels, "hilt_attention", None)
+    except ImportError:
+        return None
+
+
+def hilt_attention(q: torch.Tensor, kv: torch.Tensor, scale: float, impl: str = "sdpa") -> torch.Tensor:
+    """``q + softmax(q kv^T * scale) kv`` with the chosen implementation (eager | sdpa | triton)."""
+    if impl == "triton":
+        fn = _triton_hilt_attention() if q.is_cuda else None
+        if fn is not None:
+            return fn(q, kv, kv, scale=scale)
+        _warn_once(
+            "HILT attention: Triton kernel unavailable here (needs CUDA, triton, kernels.hilt_attention); using sdpa"
+        )
+        impl = "sdpa"
+    if impl == "eager":
+        # Softmax in at least fp32 (bf16 logits lose too much), in fp64 when given fp64.
+        scores = torch.matmul(q, kv.transpose(-1, -2)) * scale
+        attn = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+        return q + torch.matmul(attn.to(q.dtype), kv)
+    if impl == "sdpa":
+        return q + F.scaled_dot_product_attention(q, kv, kv, scale=scale)
+    raise ValueError(f"connector.attn_impl={impl!r}; expected eager, sdpa or triton")
+
+
+class MLPProjector(nn.Module):
+    """Two-layer MLP with GELU from vision width to LLM width (LLaVA-1.5 mlp2x_gelu)."""
+
+    def __init__(self, in_width: int, out_width: int, hidden: int = 0) -> None:
+        super().__init__()
+        hidden = hidden or out_width
+        self.fc1 = nn.Linear(in_width, hidden)
+        self.fc2 = nn.Linear(hidden, out_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class HiltConnector(nn.Module):
+    """LR tokens attend to HR tokens (no projections, residual), then the MLP projector."""
+
+    needs_hr = True
+    needs_lr = True
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.attn_impl = cfg.attn_impl
+        self.scale = attn_scale_value(cfg.attn_scale, vision_width)
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """Visual tokens given to the LLM: one per LR token, independent of the HR grid."""
+        return lr_grid[0] * lr_grid[1] * lr_grid[2]
+
+    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
+        return self.projector(hilt_attention(z_lr, z_hr, self.scale, self.attn_impl))

@@ -1,0 +1,420 @@
+"""LLaVA-style report model: 3D ViT + connector (HILT or an ablation) + any HF causal LM.
+
+The visual tokens are spliced into the LLM's input embeddings where the image placeholder sits in
+the instruction prompt. The prompt is split at the placeholder instead of adding a new token, so
+the (possibly frozen or 4-bit) embedding table never needs resizing. The LLM base is frozen and
+tuned with LoRA (peft), optionally over a bitsandbytes nf4 base (QLoRA).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hilt_scale.config import LLMConfig, ModelConfig, Size3, grid, validate
+from hilt_scale.connectors import build_connector
+from hilt_scale.tokenizer import train_report_tokenizer
+from hilt_scale.vit3d import ViT3D
+
+# Sentinel id marking the image position in collated input_ids (LLaVA uses the same value).
+IMAGE_TOKEN_ID = -200
+IGNORE_INDEX = -100
+HU_WINDOW = (-1000.0, 200.0)
+
+
+def prompt_token_parts(
+    tokenizer: Any, prompt: str, placeholder: str = "<image>"
+) -> tuple[list[int], list[int]]:
+    """Token ids of the instruction before and after the image placeholder, chat template applied.
+
+    With a chat template the text holds the template's own bos; without one, bos is prepended.
+    """
+    if prompt.count(placeholder) != 1:
+        raise ValueError(
+            f"prompt must contain the image placeholder {placeholder!r} exactly once: {prompt!r}"
+        )
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        before, after = text.split(placeholder, 1)
+        bos: list[int] = []
+    else:
+        before, after = prompt.split(placeholder, 1)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pre = bos + tokenizer(before, add_special_tokens=False)["input_ids"]
+    post = tokenizer(after, add_special_tokens=False)["input_ids"]
+    return pre, post
+
+
+def _stack_samples(samples: list[dict]) -> dict:
+    """Turn a list of loader samples into the loader's batch dict ({key, hr, report, meta})."""
+    vols = []
+    for s in samples:
+        hr = torch.as_tensor(np.asarray(s["hr"])) if not torch.is_tensor(s["hr"]) else s["hr"]
+        vols.append(hr if hr.dim() == 4 else hr.unsqueeze(0))
+    return {
+        "key": [s.get("key") for s in samples],
+        "hr": torch.stack(vols),
+        "report": [s["report"] for s in samples],
+        "meta": [s.get("meta", {}) for s in samples],
+    }
+
+
+class ReportCollator:
+    """Adds ``input_ids``, ``attention_mask``, ``labels`` (prompt + report) to a loader batch.
+
+    input_ids = prompt-before + [IMAGE_TOKEN_ID] + prompt-after + report + eos, right-padded.
+    Labels are IGNORE_INDEX on the prompt, the image slot and padding. ``visual_tokens`` is how
+    many tokens the image slot expands to, so prompt + image + report fit in ``max_length``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt: str,
+        max_length: int,
+        visual_tokens: int = 0,
+        placeholder: str = "<image>",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.pre, self.post = prompt_token_parts(tokenizer, prompt, placeholder)
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        if self.eos is None:
+            raise ValueError("ReportCollator: the tokenizer has no eos token")
+        self.report_budget = max_length - max(visual_tokens, 1) - len(self.pre) - len(self.post)
+        if self.report_budget < 2:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for a report after {len(self.pre) + len(self.post)} "
+                f"prompt tokens and {visual_tokens} visual tokens"
+            )
+
+    def __call__(self, batch: dict | list[dict]) -> dict:
+        if isinstance(batch, list):
+            batch = _stack_samples(batch)
+        prompt = self.pre + [IMAGE_TOKEN_ID] + self.post
+        rows, labels = [], []
+        for report in batch["report"]:
+            ids = self.tokenizer(report, add_special_tokens=False)["input_ids"][: self.report_budget - 1]
+            ids = ids + [self.eos]
+            rows.append(prompt + ids)
+            labels.append([IGNORE_INDEX] * len(prompt) + ids)
+        width = max(len(r) for r in rows)
+        out = dict(batch)
+        out["input_ids"] = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
+        out["labels"] = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels])
+        out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return out
+
+
+def resolve_attn_implementation(requested: str = "auto") -> str:
+    """flash_attention_2 when flash-attn is installed and CUDA is present, else SDPA."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def hf_config(cfg: LLMConfig, vocab_size: int | None = None, tokenizer: Any = None) -> Any:
+    """A transformers config for a preset's architecture numbers (random init or meta builds)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    special = {}
+    if tokenizer is not None:
+        special = {
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    return AutoConfig.for_model(
+        cfg.model_type,
+        vocab_size=vocab_size or cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        **special,
+    )
+
+
+def _bnb_config(cfg: LLMConfig) -> Any:
+    """nf4 with bf16 compute and bf16 storage, so ZeRO-3 can shard the packed weights."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+
+
+def build_tokenizer(cfg: ModelConfig, texts: list[str] | None = None) -> Any:
+    """Load the LLM's tokenizer (saved dir or model path), or train one on ``texts`` (llm-tiny)."""
+    llm = cfg.llm
+    if llm.tokenizer_path or llm.path:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(llm.tokenizer_path or llm.path)
+    elif texts is not None:
+        tokenizer = train_report_tokenizer(texts, vocab_size=llm.vocab_size)
+    else:
+        raise ValueError(
+            f"llm {llm.name!r} has no path or tokenizer_path: pass the report texts to train one"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_llm(cfg: LLMConfig, tokenizer: Any) -> nn.Module:
+    """The causal LM: random init (no path) or from_pretrained, optionally nf4, frozen, plus LoRA."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    dtype = getattr(torch, cfg.dtype)
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    quant = _bnb_config(cfg)
+    if quant is not None:
+        dtype = torch.bfloat16  # storage dtype and model dtype must agree for ZeRO-3
+    if cfg.path is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            llm = AutoModelForCausalLM.from_config(
+                hf_config(cfg, len(tokenizer), tokenizer), attn_implementation=attn, dtype=dtype
+            )
+        if quant is not None:
+            # bitsandbytes quantises while loading weights: round-trip the random model via disk.
+            with tempfile.TemporaryDirectory() as tmp:
+                llm.save_pretrained(tmp)
+                llm = AutoModelForCausalLM.from_pretrained(
+                    tmp, quantization_config=quant, dtype=dtype, attn_implementation=attn
+                )
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(
+            cfg.path, quantization_config=quant, dtype=dtype, attn_implementation=attn
+        )
+    llm.requires_grad_(False)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            modules_to_save=list(cfg.train_modules) or None,
+            task_type="CAUSAL_LM",
+        )
+        llm = get_peft_model(llm, lora)
+    return llm
+
+
+def build_vision(cfg: ModelConfig) -> ViT3D:
+    """The ViT: 3D patches on the HR grid, or for the ``2d`` variant patches spanning all LR slices."""
+    res = cfg.resolution
+    if cfg.connector.kind == "2d":
+        patch: Size3 = (res.lr_size[0], res.patch_size[1], res.patch_size[2])
+        return ViT3D(cfg.vision, patch, grid(res.lr_size, patch))
+    return ViT3D(cfg.vision, res.patch_size, grid(res.hr_size, res.patch_size))
+
+
+def to_unit_range(hr: torch.Tensor) -> torch.Tensor:
+    """Float volume in [0, 1]: uint8 / 255, int16 HU windowed to [-1000, 200], floats unchanged."""
+    if hr.dtype == torch.uint8:
+        return hr.float() / 255.0
+    if hr.dtype in (torch.int16, torch.int32):
+        lo, hi = HU_WINDOW
+        return (hr.float().clamp(lo, hi) - lo) / (hi - lo)
+    return hr.float()
+
+
+class HiltReportModel(nn.Module):
+    """Vision encoder + connector + causal LM; ``forward(batch) -> loss``, ``generate(hr) -> texts``."""
+
+    def __init__(self, cfg: ModelConfig, vision: ViT3D, connector: nn.Module, llm: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens one volume of the configured HR size contributes to the LLM sequence."""
+        res = self.cfg.resolution
+        hr_grid = grid(res.hr_size, self.vision.patch_size) if self.cfg.connector.kind != "2d" else (0, 0, 0)
+        return self.connector.num_tokens(hr_grid, grid(res.lr_size, self.vision.patch_size))
+
+    def collator(self, max_length: int | None = None, prompt: str | None = None) -> ReportCollator:
+        """A ReportCollator sized for this model's prompt, visual token count and sequence budget."""
+        return ReportCollator(
+            self.tokenizer,
+            prompt or self.cfg.prompt,
+            max_length or self.cfg.max_length,
+            visual_tokens=self.num_visual_tokens,
+            placeholder=self.cfg.image_placeholder,
+        )
+
+    def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
+        """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
+        device = self.vision.patch_embed.weight.device
+        x = to_unit_range(hr.to(device, non_blocking=True))
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
+        z_hr = z_lr = None
+        hr_grid = self.vision.grid_of(x.shape[-3:]) if self.connector.needs_hr else (0, 0, 0)
+        if self.connector.needs_lr:
+            lr = F.interpolate(
+                x, size=tuple(self.cfg.resolution.lr_size), mode="trilinear", align_corners=False
+            )
+            z_lr = self.vision(lr)
+        if self.connector.needs_hr:
+            z_hr = self.vision(x)
+        tokens = self.connector(z_hr, z_lr, hr_grid)
+        return tokens.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+        visual: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace each row's IMAGE_TOKEN_ID with the visual tokens; returns embeds, mask, labels."""
+        is_image = input_ids == IMAGE_TOKEN_ID
+        if not bool((is_image.sum(1) == 1).all()):
+            raise ValueError("each input_ids row must hold exactly one IMAGE_TOKEN_ID (use ReportCollator)")
+        where = is_image.float().argmax(1).tolist()
+        embeds = self._embed(input_ids.masked_fill(is_image, 0))
+        n = visual.shape[1]
+        ones = attention_mask.new_ones(n)
+        ignore = None if labels is None else labels.new_full((n,), IGNORE_INDEX)
+        out_e, out_m, out_l = [], [], []
+        for b, i in enumerate(where):
+            out_e.append(torch.cat([embeds[b, :i], visual[b], embeds[b, i + 1 :]]))
+            out_m.append(torch.cat([attention_mask[b, :i], ones, attention_mask[b, i + 1 :]]))
+            if labels is not None:
+                out_l.append(torch.cat([labels[b, :i], ignore, labels[b, i + 1 :]]))
+        return torch.stack(out_e), torch.stack(out_m), (torch.stack(out_l) if labels is not None else None)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy over report tokens."""
+        device = self.vision.patch_embed.weight.device
+        visual = self.encode_images(batch["hr"])
+        embeds, mask, labels = self.splice(
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["labels"].to(device),
+            visual,
+        )
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        hr: torch.Tensor,
+        prompt: str | None = None,
+        max_new_tokens: int = 128,
+        num_beams: int = 1,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Greedy (num_beams=1) or beam-search reports for a batch of volumes."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.vision.patch_embed.weight.device
+            pre, post = prompt_token_parts(
+                self.tokenizer, prompt or self.cfg.prompt, self.cfg.image_placeholder
+            )
+            visual = self.encode_images(hr)
+            b = visual.shape[0]
+            ids = torch.tensor([pre + [IMAGE_TOKEN_ID] + post], device=device).expand(b, -1)
+            embeds, mask, _ = self.splice(ids, torch.ones_like(ids), None, visual)
+            out = self.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                **generate_kwargs,
+            )
+        finally:
+            self.train(was_training)
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs that train: ViT, connector, LoRA (and any modules_to_save)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def param_counts(self) -> dict[str, int]:
+        """Trainable and total parameter counts (4-bit weights counted as stored elements x2)."""
+        total = trainable = 0
+        for p in self.parameters():
+            n = p.numel() * (2 if p.dtype == torch.uint8 or type(p).__name__ == "Params4bit" else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return {"trainable": trainable, "total": total}
+
+    def vision_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict of the non-LLM part (ViT + connector), saved beside the peft adapter."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("vision.", "connector."))}
+
+    def load_vision_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load ViT + connector weights saved by ``vision_state_dict``; names missing keys when strict."""
+        own = self.vision_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise KeyError(f"vision state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any = None, texts: list[str] | None = None) -> HiltReportModel:
+    """Build the full model; ``tokenizer`` defaults to ``build_tokenizer(cfg, texts)``."""
+    validate(cfg)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg, texts)
+    llm = build_llm(cfg.llm, tokenizer)
+    llm_width = llm.get_input_embeddings().weight.shape[1]
+    vision = build_vision(cfg)
+    connector = build_connector(cfg.connector, cfg.vision.width, llm_width)
+    return HiltReportModel(cfg, vision, connector, llm, tokenizer)
+
+
+def save_vision(model: HiltReportModel, path: str | os.PathLike) -> None:
+    """Write ViT + connector weights as safetensors, atomically (temp file + os.replace)."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.vision_state_dict().items()}
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_vision(model: HiltReportModel, path: str | os.PathLike) -> None:
+    """Load ViT + connector weights written by ``save_vision``."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    model.load_vision_state_dict(load_file(os.fspath(path)))

@@ -1,0 +1,89 @@
+"""3D Vision Transformer that encodes both the HR volume and its LR view with one set of weights.
+
+Position embeddings are learned on the HR token grid and resized (trilinear) to any other grid,
+as the HILT paper does for the LR view; attention uses torch SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from hilt_scale.config import Size3, VisionConfig
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a token sequence via scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT3D(nn.Module):
+    """Patchify a [B, C_in, D, H, W] volume into tokens and encode them; returns [B, N, width]."""
+
+    def __init__(self, cfg: VisionConfig, patch_size: Size3, hr_grid: Size3, in_channels: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = tuple(patch_size)
+        self.hr_grid = tuple(hr_grid)
+        self.width = cfg.width
+        self.patch_embed = nn.Conv3d(in_channels, cfg.width, kernel_size=patch_size, stride=patch_size)
+        n = hr_grid[0] * hr_grid[1] * hr_grid[2]
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.width))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+
+    def grid_of(self, size: tuple[int, ...]) -> Size3:
+        """Token grid for a volume of spatial ``size`` (D, H, W)."""
+        bad = [s % p for s, p in zip(size, self.patch_size)]
+        if any(bad):
+            raise ValueError(f"volume size {tuple(size)} is not a multiple of patch size {self.patch_size}")
+        return tuple(s // p for s, p in zip(size, self.patch_size))  # type: ignore[return-value]
+
+    def pos_embed_for(self, token_grid: Size3) -> torch.Tensor:
+        """Position embeddings for ``token_grid``: the HR table, trilinearly resized when it differs."""
+        if tuple(token_grid) == self.hr_grid:
+            return self.pos_embed
+        table = self.pos_embed.transpose(1, 2).reshape(1, self.width, *self.hr_grid)
+        table = F.interpolate(table.float(), size=tuple(token_grid), mode="trilinear", align_corners=False)
+        return table.flatten(2).transpose(1, 2).to(self.pos_embed.dtype)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        token_grid = self.grid_of(volume.shape[-3:])
+        x = self.patch_embed(volume.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        x = x + self.pos_embed_for(token_grid)
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)

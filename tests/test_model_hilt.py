@@ -1,0 +1,124 @@
+"""HILT connector against a hand-written fp64 formula, the ViT's position embeddings, and the
+visual token counts of HILT and its ablations."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hilt_scale.config import ConnectorConfig, VisionConfig, model_config
+from hilt_scale.connectors import build_connector
+from hilt_scale.hilt import HiltConnector, hilt_attention
+from hilt_scale.mllm import build_vision
+from hilt_scale.vit3d import ViT3D
+
+
+def paper_formula_fp64(q, k, scale, fc1, fc2):
+    """Z = F(Q + softmax(Q K^T * s) K) with F = fc2(gelu(fc1(.))), written out in float64."""
+    q, k = q.double(), k.double()
+    scores = torch.einsum("bnc,bmc->bnm", q, k) * scale
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = weights / weights.sum(-1, keepdim=True)
+    h = q + torch.einsum("bnm,bmc->bnc", weights, k)
+    h = h @ fc1.weight.double().T + fc1.bias.double()
+    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return h @ fc2.weight.double().T + fc2.bias.double()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn_scale", ["rsqrt", "paper"])
+def test_hilt_connector_equals_fp64_paper_formula(impl, attn_scale):
+    torch.manual_seed(0)
+    width = 48
+    conn = HiltConnector(ConnectorConfig(attn_impl=impl, attn_scale=attn_scale), width, 32).double()
+    z_hr = torch.randn(2, 27, width, dtype=torch.float64) * 0.3
+    z_lr = torch.randn(2, 5, width, dtype=torch.float64) * 0.3
+    out = conn(z_hr, z_lr, (3, 3, 3))
+    scale = 1.0 if attn_scale == "paper" else 1 / math.sqrt(width)
+    want = paper_formula_fp64(z_lr, z_hr, scale, conn.projector.fc1, conn.projector.fc2)
+    assert out.shape == (2, 5, 32)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_hilt_connector_float32_close_to_fp64():
+    torch.manual_seed(1)
+    conn = HiltConnector(ConnectorConfig(), 64, 16)
+    z_hr, z_lr = torch.randn(1, 40, 64), torch.randn(1, 8, 64)
+    want = paper_formula_fp64(z_lr, z_hr, 1 / 8, conn.projector.fc1, conn.projector.fc2)
+    torch.testing.assert_close(conn(z_hr, z_lr, (2, 4, 5)).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_falls_back_to_sdpa_without_cuda(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("fallback path is for machines without CUDA")
+    q, kv = torch.randn(1, 4, 8), torch.randn(1, 10, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = hilt_attention(q, kv, 0.5, "triton")
+    torch.testing.assert_close(out, hilt_attention(q, kv, 0.5, "eager"))
+    assert any("Triton" in str(w.message) for w in caught)
+
+
+def test_lr_position_embeddings_are_the_trilinear_resize_of_the_hr_table():
+    vit = ViT3D(VisionConfig(width=8, depth=1, heads=2), (2, 4, 4), (4, 4, 4))
+    torch.nn.init.normal_(vit.pos_embed)
+    assert vit.pos_embed_for((4, 4, 4)) is vit.pos_embed
+    table = vit.pos_embed.detach().transpose(1, 2).reshape(1, 8, 4, 4, 4)
+    # Halving each axis with align_corners=False samples midway between voxel pairs: a 2x2x2 mean.
+    want = F.avg_pool3d(table, 2).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(vit.pos_embed_for((2, 2, 2)), want)
+
+
+def test_vit_rejects_volume_not_multiple_of_patch():
+    vit = ViT3D(VisionConfig(width=8, depth=1, heads=2), (2, 4, 4), (4, 4, 4))
+    with pytest.raises(ValueError, match="patch size"):
+        vit(torch.zeros(1, 1, 8, 8, 10))
+
+
+def test_vit_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    cfg = VisionConfig(width=16, depth=2, heads=2)
+    a = ViT3D(cfg, (2, 4, 4), (2, 2, 2))
+    b = ViT3D(VisionConfig(width=16, depth=2, heads=2, grad_checkpointing=True), (2, 4, 4), (2, 2, 2))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 1, 4, 8, 8)
+    a(x).square().sum().backward()
+    b(x).square().sum().backward()
+    torch.testing.assert_close(a.pos_embed.grad, b.pos_embed.grad)
+
+
+def _visual_tokens(connector: str, hr_size, resolution="paper", **conn) -> tuple[int, int]:
+    """Run vision + connector on the meta device (no memory, no compute) for real paper sizes."""
+    cfg = model_config(vision="vit-micro", connector=connector, resolution=resolution)
+    for k, v in conn.items():
+        setattr(cfg.connector, k, v)
+    with torch.device("meta"):
+        vision = build_vision(cfg)
+        conn_mod = build_connector(cfg.connector, cfg.vision.width, 32)
+        x = torch.empty(1, 1, *hr_size)
+        lr = F.interpolate(x, size=cfg.resolution.lr_size, mode="trilinear")
+        z_lr = vision(lr) if conn_mod.needs_lr else None
+        z_hr = vision(x) if conn_mod.needs_hr else None
+        hr_grid = vision.grid_of(hr_size) if conn_mod.needs_hr else None
+        tokens = conn_mod(z_hr, z_lr, hr_grid)
+    return tokens.shape[1], tokens.shape[2]
+
+
+def test_hilt_gives_64_tokens_whatever_the_hr_size():
+    # HR 512x512x256 and 256x256x128 (H x W x D), LR 128x128x64, patch 32x32x16.
+    assert _visual_tokens("hilt", (256, 512, 512)) == (64, 32)
+    assert _visual_tokens("hilt", (128, 256, 256)) == (64, 32)
+
+
+def test_all_tokens_grows_with_hr_size():
+    assert _visual_tokens("all-tokens", (256, 512, 512))[0] == 4096
+    assert _visual_tokens("all-tokens", (128, 256, 256))[0] == 512
+
+
+def test_other_ablations_token_counts():
+    assert _visual_tokens("random-queries", (256, 512, 512), num_queries=32)[0] == 32
+    assert _visual_tokens("pooled", (256, 512, 512), pool_grid=(2, 4, 4))[0] == 32
+    # 2D: LR 64 slices as channels, 32x32 patches over 128x128 -> 16 tokens.
+    assert _visual_tokens("2d", (256, 512, 512))[0] == 16

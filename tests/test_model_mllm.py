@@ -1,0 +1,177 @@
+"""The multimodal model: collator masks, splicing, overfitting one batch, generation, export, QLoRA."""
+
+import pytest
+import torch
+
+from hilt_scale.config import model_config
+from hilt_scale.mllm import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    ReportCollator,
+    build_model,
+    build_tokenizer,
+    load_vision,
+    prompt_token_parts,
+    save_vision,
+    to_unit_range,
+)
+
+REPORTS = [
+    "Findings: The heart is normal in size. No pleural effusion.",
+    "Findings: Mild emphysema in both lungs. Small lung nodule in the right upper lobe.",
+    "Findings: Bilateral pleural effusion with atelectasis. Cardiomegaly is present.",
+]
+
+
+def micro_cfg(**overrides):
+    return model_config(llm="llm-micro", resolution="cpu-micro", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(micro_cfg(), texts=REPORTS * 10)
+
+
+def loader_batch(n=2):
+    hr = torch.zeros(n, 1, 16, 32, 32, dtype=torch.uint8)
+    for i in range(n):
+        hr[i] = 100 * i  # distinct volumes so the report depends on the image
+    return {"key": [f"k{i}" for i in range(n)], "hr": hr, "report": REPORTS[:n], "meta": [{}] * n}
+
+
+def test_collator_masks_prompt_image_and_padding(tokenizer):
+    cfg = micro_cfg()
+    collate = ReportCollator(tokenizer, cfg.prompt, max_length=256, visual_tokens=8)
+    out = collate(loader_batch(2))
+    assert out["key"] == ["k0", "k1"] and out["hr"].dtype == torch.uint8
+    ids, labels, mask = out["input_ids"], out["labels"], out["attention_mask"]
+    assert (ids == IMAGE_TOKEN_ID).sum(1).tolist() == [1, 1]
+    for row in range(2):
+        supervised = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        assert supervised[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(supervised[:-1]) == REPORTS[row]
+        # Every supervised label sits at a real (unmasked) position after the image slot.
+        positions = (labels[row] != IGNORE_INDEX).nonzero().flatten()
+        assert positions.min() > (ids[row] == IMAGE_TOKEN_ID).nonzero().item()
+        assert mask[row, positions].all()
+    # The shorter report is right-padded with masked, unsupervised positions.
+    assert mask[0, -1] == 0 and labels[0, -1] == IGNORE_INDEX
+
+
+def test_collator_truncates_to_the_sequence_budget(tokenizer):
+    cfg = micro_cfg()
+    pre, post = prompt_token_parts(tokenizer, cfg.prompt)
+    max_length = len(pre) + len(post) + 1 + 8 + 6
+    out = ReportCollator(tokenizer, cfg.prompt, max_length=max_length, visual_tokens=8)(loader_batch(2))
+    assert out["input_ids"].shape[1] - 1 + 8 == max_length
+    assert (out["labels"][:, -1] == tokenizer.eos_token_id).all()
+    with pytest.raises(ValueError, match="max_length"):
+        ReportCollator(tokenizer, cfg.prompt, max_length=10, visual_tokens=8)
+
+
+def test_collator_accepts_a_list_of_samples(tokenizer):
+    samples = [
+        {"key": "a", "hr": torch.zeros(16, 32, 32, dtype=torch.uint8), "report": REPORTS[0], "meta": {}}
+    ]
+    out = ReportCollator(tokenizer, micro_cfg().prompt, 128)(samples)
+    assert out["hr"].shape == (1, 1, 16, 32, 32) and out["input_ids"].shape[0] == 1
+
+
+def test_prompt_needs_exactly_one_placeholder(tokenizer):
+    with pytest.raises(ValueError, match="placeholder"):
+        prompt_token_parts(tokenizer, "no image here")
+
+
+def test_to_unit_range():
+    assert to_unit_range(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [0.0, 1.0]
+    hu = torch.tensor([-2000, -1000, -400, 200, 3000], dtype=torch.int16)
+    assert to_unit_range(hu).tolist() == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_splice_puts_visual_tokens_at_the_placeholder(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(micro_cfg(), tokenizer)
+    batch = model.collator()(loader_batch(2))
+    visual = torch.randn(2, 8, 64)
+    embeds, mask, labels = model.splice(batch["input_ids"], batch["attention_mask"], batch["labels"], visual)
+    at = (batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().item()
+    assert embeds.shape[1] == batch["input_ids"].shape[1] - 1 + 8
+    torch.testing.assert_close(embeds[:, at : at + 8], visual)
+    assert (labels[:, at : at + 8] == IGNORE_INDEX).all() and mask[:, at : at + 8].all()
+    # The token after the image is the one that followed the placeholder.
+    after = model.llm.get_input_embeddings()(batch["input_ids"][:, at + 1])
+    torch.testing.assert_close(embeds[:, at + 8], after)
+
+
+def test_overfit_one_batch_gradients_and_generation(tokenizer):
+    torch.manual_seed(0)
+    model = build_model(micro_cfg(**{"llm.train_modules": "lm_head"}), tokenizer)
+    batch = model.collator()(loader_batch(2))
+    params = [p for _, p in model.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for step in range(40):
+        loss = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            named = dict(model.named_parameters())
+            grads = {n: p.grad for n, p in named.items()}
+            assert grads["vision.patch_embed.weight"].abs().sum() > 0
+            assert grads["connector.projector.fc1.weight"].abs().sum() > 0
+            lora = [n for n in named if "lora_B" in n]
+            assert lora and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in lora)
+            frozen = [n for n, p in named.items() if "base_layer" in n or "embed_tokens" in n]
+            assert frozen and all(grads[n] is None and not named[n].requires_grad for n in frozen)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0]
+    greedy = model.generate(batch["hr"], max_new_tokens=40)
+    beam = model.generate(batch["hr"], max_new_tokens=40, num_beams=3)
+    assert len(greedy) == 2 and all(isinstance(t, str) and t for t in greedy)
+    assert greedy == beam
+    assert greedy == REPORTS[:2]
+    assert model.training  # generate restores the mode
+
+
+def test_vision_weights_round_trip(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    a = build_model(micro_cfg(), tokenizer)
+    torch.manual_seed(1)
+    b = build_model(micro_cfg(), tokenizer)
+    assert not torch.equal(a.vision.pos_embed, b.vision.pos_embed)
+    save_vision(a, tmp_path / "vision.safetensors")
+    load_vision(b, tmp_path / "vision.safetensors")
+    for k, v in a.vision_state_dict().items():
+        torch.testing.assert_close(b.vision_state_dict()[k], v)
+    assert all(k.startswith(("vision.", "connector.")) for k in a.vision_state_dict())
+    with pytest.raises(KeyError, match="missing"):
+        b.load_vision_state_dict({})
+
+
+@pytest.mark.parametrize("connector", ["random-queries", "all-tokens", "pooled", "2d"])
+def test_ablation_variants_train_one_step(tokenizer, connector):
+    torch.manual_seed(0)
+    model = build_model(micro_cfg(**{"connector.kind": connector, "connector.pool_grid": "1,2,2"}), tokenizer)
+    batch = model.collator()(loader_batch(2))
+    loss = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.vision.patch_embed.weight.grad is not None
+
+
+def test_qlora_builds_and_trains_one_step(tokenizer):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = build_model(micro_cfg(**{"llm.quantization": "nf4"}), tokenizer)
+    four_bit = [m for m in model.llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and four_bit[0].weight.dtype == torch.bfloat16  # quant storage dtype
+    batch = model.collator()(loader_batch(2))
+    params = [p for _, p in model.trainable_parameters()]
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    before = lora_b.detach().clone()
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    loss = model(batch)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, lora_b.detach())
