@@ -1,0 +1,498 @@
+"""Fused Triton HILT cross-attention: ``q + softmax(q @ k^T * scale) @ v``, forward and backward.
+
+HILT attends few queries (N' = 64 low-resolution tokens) over thousands of keys (N = 4096 to 32768
+high-resolution tokens), in the paper's form as one head of width C = 768 with K and V the same
+tensor. The usual flash layout (one program per query block) would leave most of a GPU idle, so
+the forward splits the work over the keys (flash-decoding): every program owns a range of keys and
+a block of queries, keeps its score block on chip, and writes a partial ``(m, l, acc)``; a small
+combine kernel merges the partials with their log-sum-exp weights and adds the residual ``q``.
+A wide head (C up to 1024) is tiled along C: in ``q @ k^T`` by a loop over C chunks, in ``p @ v``
+by a grid axis over output column blocks. When K and V are the same data, a key tile is loaded
+once and used for both products where the tiles coincide.
+
+Backward (the derivative, with ``O = softmax(S) V``, ``S = q k^T * scale``, ``P = softmax(S)``):
+
+    out = q + O
+    dV = P^T dO
+    dP = dO V^T
+    dS = P * (dP - delta),   delta = rowsum(dO * O)        (softmax Jacobian)
+    dQ = dO + (dS K) * scale                               (the residual passes dO through)
+    dK = (dS^T Q) * scale
+
+A Triton kernel recomputes P from the saved log-sum-exp (scores never stored in the forward) and
+dP from dO and V, tile by tile over C, and writes P and ``dS * scale`` once as an [N', N] pair.
+The three products left (dQ, dK, dV) are plain GEMMs whose inner dimension is N' or N; cuBLAS runs
+them at its roofline, so they are left to ``torch.matmul``. When ``k is v`` one GEMM writes the
+single gradient ``dK + dV = [P; dS*scale]^T [dO; Q]``.
+
+All accumulation is in fp32; inputs may be bf16, fp16 or fp32. Runs on CUDA, and on CPU through
+the Triton interpreter when ``TRITON_INTERPRET=1`` is set at launch time (kernels are wrapped
+lazily, so the variable does not have to be set before import).
+Works with triton 3.6 and 3.9: pointer arithmetic only (no ``tl.make_block_ptr``), no autotune.
+"""
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    """True when the kernels can run here: CUDA present or the Triton interpreter switched on."""
+    return torch.cuda.is_available() or _interpreting()
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. They are plain functions here and wrapped with ``triton.jit`` on first use
+# (see ``_jit``), so that TRITON_INTERPRET is read at launch rather than at import.
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_split_kernel(
+    Q, K, V, Acc, Mx, Lx,  # Acc [S, BH, M, D] fp32; Mx, Lx [S, BH, M] fp32
+    qk_scale, M_Q, N_K, D, H, keys_per_split,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    V_IS_K_TILE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key split x one query block x one output column block: partial (m, l, acc)."""
+    pid_s = tl.program_id(0)
+    pid_md = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    n_dv = tl.cdiv(D, BLOCK_DV)
+    pid_m = pid_md // n_dv
+    pid_dv = pid_md % n_dv
+    b = pid_bh // H
+    h = pid_bh % H
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M_Q
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = pid_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    mask_dv = offs_dv < D
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+
+    if ONE_CHUNK:  # the whole head fits one tile: load Q once for all key blocks
+        q_tile = tl.load(
+            q_base + offs_m[:, None] * sqm + offs_dk[None, :] * sqd,
+            mask=mask_m[:, None] & (offs_dk[None, :] < D),
+            other=0.0,
+        )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, N_K)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        if ONE_CHUNK:
+            k_tile = tl.load(
+                k_base + offs_n[:, None] * skn + offs_dk[None, :] * skd,
+                mask=mask_n[:, None] & (offs_dk[None, :] < D),
+                other=0.0,
+            )
+            s = tl.dot(q_tile, tl.trans(k_tile), input_precision=PRECISION)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_DK):
+                dk = d0 + offs_dk
+                mask_d = dk < D
+                q_c = tl.load(
+                    q_base + offs_m[:, None] * sqm + dk[None, :] * sqd,
+                    mask=mask_m[:, None] & mask_d[None, :],
+                    other=0.0,
+                )
+                k_c = tl.load(
+                    k_base + offs_n[:, None] * skn + dk[None, :] * skd,
+                    mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0,
+                )
+                s += tl.dot(q_c, tl.trans(k_c), input_precision=PRECISION)
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        # Online softmax in base 2 (qk_scale folds in log2(e)); every block holds >= 1 valid key.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if V_IS_K_TILE:
+            v_tile = k_tile  # K is V and one tile covers the head: read once
+        else:
+            v_tile = tl.load(
+                v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                mask=mask_n[:, None] & mask_dv[None, :],
+                other=0.0,
+            )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+        m_i = m_new
+
+    row = (pid_s * tl.num_programs(2) + pid_bh).to(tl.int64) * M_Q
+    tl.store(
+        Acc + (row + offs_m)[:, None] * D + offs_dv[None, :],
+        acc,
+        mask=mask_m[:, None] & mask_dv[None, :],
+    )
+    if pid_dv == 0:  # the statistics are the same for every column block
+        tl.store(Mx + row + offs_m, m_i, mask=mask_m)
+        tl.store(Lx + row + offs_m, l_i, mask=mask_m)
+
+
+def _fwd_combine_kernel(
+    Q, Acc, Mx, Lx, Out, OAttn, Lse,  # OAttn [BH, M, D] fp32; Lse [BH, M] fp32 (base 2)
+    n_splits, M_Q, D, H,
+    sqb, sqh, sqm, sqd,
+    sob, soh, som, sod,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Merge the split partials with their log-sum-exp weights; write q + O, O and the LSE."""
+    pid_md = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_d = tl.cdiv(D, BLOCK_D)
+    pid_m = pid_md // n_d
+    pid_d = pid_md % n_d
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M_Q
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = mask_m[:, None] & (offs_d[None, :] < D)
+    n_bh = tl.num_programs(1)
+
+    m_g = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_splits):
+        row = (s * n_bh + pid_bh).to(tl.int64) * M_Q
+        m_g = tl.maximum(m_g, tl.load(Mx + row + offs_m, mask=mask_m, other=0.0))
+    l_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, n_splits):
+        row = (s * n_bh + pid_bh).to(tl.int64) * M_Q
+        w = tl.math.exp2(tl.load(Mx + row + offs_m, mask=mask_m, other=0.0) - m_g)
+        l_g += w * tl.load(Lx + row + offs_m, mask=mask_m, other=0.0)
+        a = tl.load(Acc + (row + offs_m)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+        o += w[:, None] * a
+    l_g = tl.where(mask_m, l_g, 1.0)  # rows past M' hold no keys; keep them finite
+    o = o / l_g[:, None]
+
+    q = tl.load(
+        Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    out_ptr = (
+        Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    )
+    tl.store(out_ptr, (q + o).to(Out.dtype.element_ty), mask=mask)
+    base = pid_bh.to(tl.int64) * M_Q
+    tl.store(OAttn + (base + offs_m)[:, None] * D + offs_d[None, :], o, mask=mask)
+    if pid_d == 0:
+        tl.store(Lse + base + offs_m, m_g + tl.math.log2(l_g), mask=mask_m)
+
+
+def _bwd_p_ds_kernel(
+    Q, K, V, DO, Lse, Delta, PdS,  # Lse, Delta [BH, M] fp32; PdS [BH, 2M, N]: P rows, then dS rows
+    qk_scale, scale, M_Q, N_K, D, H,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    SAME_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Recompute P from the LSE and dP = dO V^T over C chunks; write P and dS * scale."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M_Q
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_K
+    offs_dk = tl.arange(0, BLOCK_DK)
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_DK):
+        dk = d0 + offs_dk
+        mask_d = dk < D
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        q_c = tl.load(q_base + offs_m[:, None] * sqm + dk[None, :] * sqd, mask=mask_md, other=0.0)
+        do_c = tl.load(do_base + offs_m[:, None] * sdm + dk[None, :] * sdd, mask=mask_md, other=0.0)
+        k_c = tl.load(k_base + offs_n[:, None] * skn + dk[None, :] * skd, mask=mask_nd, other=0.0)
+        if SAME_KV:
+            v_c = k_c  # K is V: one load feeds both products
+        else:
+            v_c = tl.load(v_base + offs_n[:, None] * svn + dk[None, :] * svd, mask=mask_nd, other=0.0)
+        s += tl.dot(q_c, tl.trans(k_c), input_precision=PRECISION)
+        dp += tl.dot(do_c.to(v_c.dtype), tl.trans(v_c), input_precision=PRECISION)
+
+    base = pid_bh.to(tl.int64) * M_Q
+    lse = tl.load(Lse + base + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(Delta + base + offs_m, mask=mask_m, other=0.0)
+    mask = mask_m[:, None] & mask_n[None, :]
+    p = tl.where(mask, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    ds = p * (dp - delta[:, None]) * scale
+    p_ptr = PdS + pid_bh.to(tl.int64) * (2 * M_Q) * N_K + offs_m[:, None] * N_K + offs_n[None, :]
+    tl.store(p_ptr, p.to(PdS.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + M_Q * N_K, ds.to(PdS.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _compiled(fn, interpret: bool):
+    """``triton.jit`` of a kernel, cached per interpreter mode (Triton reads the mode at wrap time)."""
+    return triton.jit(fn)
+
+
+def _jit(fn):
+    """The kernel wrapped for the current TRITON_INTERPRET setting, read at launch, not import."""
+    return _compiled(fn, _interpreting())
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration: a small heuristic (no autotune, which needs a GPU for >1 config).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch shape; ``num_splits=None`` lets the heuristic pick the key split."""
+
+    block_m: int
+    block_n: int
+    block_dk: int
+    block_dv: int
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+
+
+def _pow2(x: int) -> int:
+    """Smallest power of two >= max(x, 16) (tl.dot needs every tile side >= 16)."""
+    return max(16, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def pick_config(m: int, n: int, d: int, interpret: bool | None = None) -> KernelConfig:
+    """Tile sizes for M queries, N keys, head width d; small tiles on GPU, few programs on CPU."""
+    interpret = _interpreting() if interpret is None else interpret
+    d_pad = _pow2(d)
+    block_m = min(64, _pow2(m))
+    if interpret:  # ~1 ms per program instance: few, large programs
+        return KernelConfig(block_m, block_n=64, block_dk=min(d_pad, 256), block_dv=min(d_pad, 256))
+    if d_pad <= 128:  # multi-head: the whole head in one tile, K read once when K is V
+        return KernelConfig(block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_warps=4, num_stages=3)
+    # wide single head (C = 768): chunk C by 64 in q k^T, 256-wide output column blocks for p v
+    return KernelConfig(block_m, block_n=64, block_dk=64, block_dv=256, num_warps=8, num_stages=2)
+
+
+def _num_splits(cfg: KernelConfig, n: int, programs_per_split: int, device: torch.device) -> int:
+    """Key splits so that the forward grid fills the GPU about twice; capped by key blocks."""
+    if cfg.num_splits is not None:
+        return max(1, min(cfg.num_splits, triton.cdiv(n, cfg.block_n)))
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(triton.cdiv(n, cfg.block_n), triton.cdiv(target, programs_per_split)))
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output; tests replace this with a NaN fill to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (no tf32), so the fp32 error stays near 1e-6."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors view the very same elements (then K is read once)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers (4-D [B, H, M, D] tensors).
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cfg: KernelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run split + combine; return (q + O, O in fp32, LSE in base 2) for [B, H, M, D] inputs."""
+    bsz, heads, m, d = q.shape
+    n = k.shape[2]
+    cfg = cfg or pick_config(m, n, d)
+    bh = bsz * heads
+    n_m = triton.cdiv(m, cfg.block_m)
+    n_dv = triton.cdiv(d, cfg.block_dv)
+    splits = _num_splits(cfg, n, n_m * n_dv * bh, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(n, keys_per_split)  # every split now holds at least one key
+    same_kv = _same_data(k, v)  # K is V: one tile feeds both products where they coincide
+    one_chunk = cfg.block_dk >= d and cfg.block_dv >= d and cfg.block_dk == cfg.block_dv
+
+    acc = _empty((splits, bh, m, d), torch.float32, q.device)
+    mx = _empty((splits, bh, m), torch.float32, q.device)
+    lx = _empty((splits, bh, m), torch.float32, q.device)
+    _jit(_fwd_split_kernel)[(splits, n_m * n_dv, bh)](
+        q, k, v, acc, mx, lx,
+        scale * LOG2E, m, n, d, heads, keys_per_split,
+        *q.stride(), *k.stride(), *v.stride(),
+        V_IS_K_TILE=same_kv and one_chunk, ONE_CHUNK=one_chunk,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    out = _empty((bsz, heads, m, d), q.dtype, q.device)
+    o_attn = _empty((bsz, heads, m, d), torch.float32, q.device)
+    lse = _empty((bsz, heads, m), torch.float32, q.device)
+    block_d = min(_pow2(d), 128)
+    _jit(_fwd_combine_kernel)[(n_m * triton.cdiv(d, block_d), bh)](
+        q, acc, mx, lx, out, o_attn, lse,
+        splits, m, d, heads,
+        *q.stride(), *out.stride(),
+        BLOCK_M=cfg.block_m, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return out, o_attn, lse
+
+
+def _backward_p_ds(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+    cfg: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Return [B, H, 2M, N]: P in rows [0, M), dS * scale in rows [M, 2M), in q's dtype."""
+    bsz, heads, m, d = q.shape
+    n = k.shape[2]
+    cfg = cfg or pick_config(m, n, d)
+    pds = _empty((bsz, heads, 2 * m, n), q.dtype, q.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), bsz * heads)
+    _jit(_bwd_p_ds_kernel)[grid](
+        q, k, v, do, lse, delta, pds,
+        scale * LOG2E, scale, m, n, d, heads,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+        SAME_KV=_same_data(k, v),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=min(cfg.block_dk, 64 if d > 128 else cfg.block_dk),
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return pds
+
+
+class _HiltAttention(torch.autograd.Function):
+    """Autograd wrapper; ``v=None`` means K is V and a single gradient (dK + dV) is returned."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, cfg):
+        out, o_attn, lse = _forward(q, k, k if v is None else v, scale, cfg)
+        ctx.save_for_backward(q, k, v, o_attn, lse)
+        ctx.scale = scale
+        ctx.cfg = cfg
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o_attn, lse = ctx.saved_tensors
+        aliased = v is None
+        v_eff = k if aliased else v
+        m = q.shape[2]
+        delta = (dout.float() * o_attn).sum(-1)  # rowsum(dO * O), [B, H, M]
+        do = dout.to(q.dtype)
+        pds = _backward_p_ds(q, k, v_eff, do, lse, delta, ctx.scale, ctx.cfg)
+        p, ds = pds[:, :, :m], pds[:, :, m:]
+        dq = dk = dv = None
+        if ctx.needs_input_grad[0]:
+            dq = torch.baddbmm(do.flatten(0, 1), ds.flatten(0, 1), k.flatten(0, 1)).view_as(q)
+        if aliased and ctx.needs_input_grad[1]:
+            dk = torch.matmul(pds.transpose(-1, -2), torch.cat([do, q], dim=2))  # dK + dV in one GEMM
+        else:
+            if ctx.needs_input_grad[1]:
+                dk = torch.matmul(ds.transpose(-1, -2), q)
+            if ctx.needs_input_grad[2]:
+                dv = torch.matmul(p.transpose(-1, -2), do)
+        return dq, dk, dv, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear error for shapes, dtypes or devices the kernel does not take."""
+    if q.dim() not in (3, 4):
+        raise ValueError(f"hilt_attention: q must be [B, N', C] or [B, H, N', d], got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != q.dim() or t.shape[:-2] != q.shape[:-2] or t.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"hilt_attention: {name} shape {tuple(t.shape)} does not match q {tuple(q.shape)} "
+                "(same batch/heads and width, any key count)"
+            )
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"hilt_attention: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"hilt_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"hilt_attention: dtype {q.dtype} not supported; use one of {SUPPORTED_DTYPES}")
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[-1] == 0:
+        raise ValueError(f"hilt_attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            "hilt_attention: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1)"
+            " or use kernels.hilt_attention_reference / SDPA"
+        )
+
+
+def hilt_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Fused ``q + softmax(q @ k^T * scale) @ v`` on [B, N', C] or [B, H, N', d]; differentiable.
+
+    ``scale=None`` means 1/sqrt(d); ``scale=1.0`` is the paper's literal formula. Passing the same
+    tensor as ``k`` and ``v`` reads it once and gives it one gradient. ``config`` overrides the
+    tile heuristic (benchmarks and tests).
+    """
+    _check(q, k, v)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    aliased = k is v
+    single_head = q.dim() == 3
+    if single_head:
+        q, k = q.unsqueeze(1), k.unsqueeze(1)
+        v = k if aliased else v.unsqueeze(1)
+    out = _HiltAttention.apply(q, k, None if aliased else v, float(scale), config)
+    return out.squeeze(1) if single_head else out

@@ -1,0 +1,181 @@
+"""Fused HILT attention vs the float64 eager reference: forward and backward, odd shapes, K is V.
+
+Without CUDA the kernels run in the Triton interpreter (fp32 / fp16 only: the interpreter returns
+garbage for bf16 dots). Every kernel output buffer is filled with NaN before launch, so an element
+a kernel forgets to write fails the comparison. bf16 cases are GPU-marked and skip without CUDA.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel launch (the kernels wrap lazily)
+
+import kernels  # noqa: E402
+from kernels.reference import hilt_attention_reference  # noqa: E402
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+ka = importlib.import_module("kernels.hilt_attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN, so unwritten elements cannot pass."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ka, "_empty", poisoned)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max abs error over max abs reference value (NaN anywhere gives NaN, which fails)."""
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def make_inputs(shape_q, n, dtype, kv_same, seed, transposed=False):
+    """Fresh random q, k, v (leaf tensors needing grad); v is k when kv_same."""
+    gen = torch.Generator().manual_seed(seed)
+    shape_k = (*shape_q[:-2], n, shape_q[-1])
+
+    def rand(shape):
+        if transposed:  # build [B, N, H, d] and view it as [B, H, N, d] (non-contiguous strides)
+            b, h, rows, d = shape
+            t = torch.randn(b, rows, h, d, generator=gen).to(dtype).to(DEVICE).transpose(1, 2)
+            return t.detach().requires_grad_()
+        return torch.randn(shape, generator=gen).to(dtype).to(DEVICE).requires_grad_()
+
+    q, k = rand(shape_q), rand(shape_k)
+    v = k if kv_same else rand(shape_k)
+    return q, k, v
+
+
+def check_against_reference(q, k, v, scale, tol, config=None):
+    """Run kernel and fp64 reference forward + backward with one upstream gradient; compare all."""
+    kv_same = k is v
+    out = ka.hilt_attention(q, k, v, scale=scale, config=config)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(out.dtype).to(DEVICE)
+    out.backward(grad_out)
+
+    q64 = q.detach().double().requires_grad_()
+    k64 = k.detach().double().requires_grad_()
+    v64 = k64 if kv_same else v.detach().double().requires_grad_()
+    want = hilt_attention_reference(q64, k64, v64, scale=scale)
+    want.backward(grad_out.double())
+
+    assert out.shape == q.shape and out.dtype == q.dtype
+    errors = {"out": rel_err(out, want), "dq": rel_err(q.grad, q64.grad), "dk": rel_err(k.grad, k64.grad)}
+    if not kv_same:
+        errors["dv"] = rel_err(v.grad, v64.grad)
+    assert all(e <= tol for e in errors.values()), errors
+
+
+@pytest.mark.parametrize(
+    "shape_q, n, dtype, kv_same, scale",
+    [
+        ((2, 7, 200), 4097, torch.float32, True, None),  # the issue's odd shape, paper form K is V
+        ((2, 7, 200), 1000, torch.float32, False, 1.0),  # paper's literal formula (no 1/sqrt(C))
+        ((1, 1, 96), 50, torch.float32, False, None),  # a single query
+        ((2, 9, 128), 333, torch.float16, True, None),
+        ((2, 3, 5, 64), 257, torch.float16, False, None),  # multi-head
+        ((1, 2, 33, 48), 130, torch.float32, True, 0.5),
+    ],
+)
+def test_matches_fp64_reference(shape_q, n, dtype, kv_same, scale):
+    q, k, v = make_inputs(shape_q, n, dtype, kv_same, seed=n)
+    check_against_reference(q, k, v, scale, TOL[dtype])
+
+
+@pytest.mark.parametrize("kv_same", [True, False])
+def test_tiled_head_and_many_splits(kv_same):
+    """Small explicit tiles: C chunks with a ragged tail, 2 query blocks, 4 column blocks, 3 splits."""
+    cfg = ka.KernelConfig(block_m=16, block_n=32, block_dk=64, block_dv=64, num_splits=3)
+    q, k, v = make_inputs((2, 20, 200), 301, torch.float32, kv_same, seed=7)
+    check_against_reference(q, k, v, None, TOL[torch.float32], config=cfg)
+
+
+def test_non_contiguous_multi_head():
+    """[B, N, H, d] storage viewed as [B, H, N, d]: the kernels follow strides, not layout."""
+    q, k, v = make_inputs((2, 3, 6, 32), 70, torch.float32, False, seed=3, transposed=True)
+    assert not q.is_contiguous()
+    check_against_reference(q, k, v, None, TOL[torch.float32])
+
+
+def test_aliased_k_v_get_one_summed_gradient():
+    """k is v: the single tensor's gradient is dK + dV of the reference with separate copies."""
+    q, kv, _ = make_inputs((1, 4, 80), 90, torch.float32, True, seed=11)
+    ka.hilt_attention(q, kv, kv).sum().backward()
+
+    q64 = q.detach().double()
+    k64 = kv.detach().double().requires_grad_()
+    v64 = kv.detach().double().requires_grad_()
+    hilt_attention_reference(q64, k64, v64).sum().backward()
+    assert rel_err(kv.grad, k64.grad + v64.grad) <= 1e-4
+    assert rel_err(kv.grad, k64.grad) > 1e-2  # the dV part really is in there
+
+
+def test_same_data_distinct_views_get_separate_gradients():
+    """v a different view of k's storage: read once in the kernels, but two autograd inputs."""
+    q, k, _ = make_inputs((1, 4, 64), 70, torch.float32, True, seed=5)
+    base = k.detach().clone().requires_grad_()
+    k_view, v_view = base[:], base[:]
+    assert k_view is not v_view and ka._same_data(k_view, v_view)
+    ka.hilt_attention(q, k_view, v_view).sum().backward()
+
+    k64 = base.detach().double().requires_grad_()
+    hilt_attention_reference(q.detach().double(), k64, k64).sum().backward()
+    assert rel_err(base.grad, k64.grad) <= 1e-4
+
+
+def test_package_exports_the_kernel():
+    assert kernels.hilt_attention is ka.hilt_attention
+    assert kernels.triton_available()
+
+
+@pytest.mark.parametrize(
+    "k_shape, v_shape, q_dtype, match",
+    [
+        ((1, 9, 32), (1, 9, 16), torch.float32, "v shape"),
+        ((2, 9, 32), (2, 9, 32), torch.float32, "k shape"),
+        ((1, 9, 32), (1, 8, 32), torch.float32, "differ"),
+        ((1, 9, 32), (1, 9, 32), torch.float64, "dtype"),
+    ],
+)
+def test_bad_input_is_named(k_shape, v_shape, q_dtype, match):
+    q = torch.randn(1, 4, 32, dtype=q_dtype, device=DEVICE)
+    k = torch.randn(k_shape, dtype=q_dtype, device=DEVICE)
+    v = torch.randn(v_shape, dtype=q_dtype, device=DEVICE)
+    with pytest.raises(ValueError, match=match):
+        ka.hilt_attention(q, k, v)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path without the interpreter")
+def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not kernels.triton_available()
+    x = torch.randn(1, 4, 32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        ka.hilt_attention(x, x, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="bf16 kernels need CUDA (interpreter bf16 is broken)"
+)
+@pytest.mark.parametrize(
+    "shape_q, n, kv_same, scale",
+    [
+        ((2, 64, 768), 4096, True, None),  # the paper's shape
+        ((2, 64, 768), 4097, False, 1.0),
+        ((2, 12, 64, 64), 32768, True, None),
+        ((1, 511, 1024), 1000, False, None),
+    ],
+)
+def test_bf16_on_gpu(shape_q, n, kv_same, scale):
+    q, k, v = make_inputs(shape_q, n, torch.bfloat16, kv_same, seed=n)
+    check_against_reference(q, k, v, scale, TOL[torch.bfloat16])
