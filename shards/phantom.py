@@ -1,0 +1,668 @@
+"""Synthetic chest-CT phantom set in CT-RATE's own layout: the embedded default dataset.
+
+Each volume has a body, lungs, mediastinal fat, heart, aorta, trachea, spine and liver at
+realistic HU with Gaussian noise, plus findings drawn from CT-RATE's abnormality classes at
+known places and sizes. The report states every finding consistently with the volume (side,
+lobe, size in mm) and says "normal" where a finding is absent. Some nodules are only 1-3 HR
+voxels across, so they vanish after a 4x downsample: the set exists to show what HR buys.
+
+Usage: python -m shards.phantom --out DIR --n N --size D,H,W --seed S
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from hilt_scale.abnormalities import CLASSES
+
+# Field of view in mm (z, y, x) that the grid covers whatever its size; spacing = FOV / size.
+FOV_MM = (300.0, 360.0, 360.0)
+# Stored value = HU - INTERCEPT (int16), as CT-RATE's RescaleSlope/RescaleIntercept describe.
+SLOPE, INTERCEPT = 1.0, -1024.0
+NOISE_HU = 12.0
+REPORT_COLUMNS = ("VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN")
+METADATA_COLUMNS = ("VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing", "Findings")
+LOBES = {"right": ("upper", "middle", "lower"), "left": ("upper", "lower")}
+LN_STATIONS = {  # name -> centre (x, y, z) in mm, inside the mediastinal fat
+    "right paratracheal": (-20.0, -8.0, 85.0),
+    "subcarinal": (0.0, 12.0, 128.0),
+    "prevascular": (-5.0, -45.0, 100.0),
+}
+# Classes the phantom can draw; the other CT-RATE classes are always 0 in its labels.
+PHANTOM_CLASSES = (
+    "Lung nodule",
+    "Pleural effusion",
+    "Consolidation",
+    "Lung opacity",
+    "Emphysema",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Arterial wall calcification",
+    "Coronary artery wall calcification",
+    "Lymphadenopathy",
+)
+
+
+@dataclass
+class Grid:
+    """Voxel-centre coordinates in mm: z down from the top, y anterior->posterior, x right->left."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spacing = tuple(f / s for f, s in zip(FOV_MM, self.size))
+        d, h, w = self.size
+        sz, sy, sx = self.spacing
+        self.z = (np.arange(d, dtype=np.float32) + 0.5) * sz
+        self.y = (np.arange(h, dtype=np.float32) + 0.5) * sy - FOV_MM[1] / 2
+        self.x = (np.arange(w, dtype=np.float32) + 0.5) * sx - FOV_MM[2] / 2
+
+    def snap(self, x: float, y: float, z: float) -> tuple[float, float, float]:
+        """Move a point to the nearest voxel centre, so a tiny sphere always fills one voxel."""
+        iz = int(np.clip(np.argmin(np.abs(self.z - z)), 0, self.size[0] - 1))
+        iy = int(np.clip(np.argmin(np.abs(self.y - y)), 0, self.size[1] - 1))
+        ix = int(np.clip(np.argmin(np.abs(self.x - x)), 0, self.size[2] - 1))
+        return float(self.x[ix]), float(self.y[iy]), float(self.z[iz])
+
+    def ellipsoid(self, c: tuple[float, float, float], r: tuple[float, float, float]):
+        """(slices, mask) of an axis-aligned ellipsoid (centre x,y,z; radii x,y,z), bbox only."""
+        cx, cy, cz = c
+        rx, ry, rz = r
+        sl = (_span(self.z, cz, rz), _span(self.y, cy, ry), _span(self.x, cx, rx))
+        zz = ((self.z[sl[0]] - cz) / rz)[:, None, None] ** 2
+        yy = ((self.y[sl[1]] - cy) / ry)[None, :, None] ** 2
+        xx = ((self.x[sl[2]] - cx) / rx)[None, None, :] ** 2
+        return sl, (zz + yy + xx) <= 1.0
+
+    def capsule(self, a: tuple[float, float, float], b: tuple[float, float, float], r: float):
+        """(slices, mask) of a cylinder with round ends from point a to point b (x,y,z), radius r."""
+        lo = [min(a[i], b[i]) for i in range(3)]
+        hi = [max(a[i], b[i]) for i in range(3)]
+        cen = [(lo[i] + hi[i]) / 2 for i in range(3)]
+        half = [(hi[i] - lo[i]) / 2 + r for i in range(3)]
+        sl = (_span(self.z, cen[2], half[2]), _span(self.y, cen[1], half[1]), _span(self.x, cen[0], half[0]))
+        pz = self.z[sl[0]][:, None, None] - a[2]
+        py = self.y[sl[1]][None, :, None] - a[1]
+        px = self.x[sl[2]][None, None, :] - a[0]
+        d = np.array(b, dtype=np.float32) - np.array(a, dtype=np.float32)
+        t = np.clip((px * d[0] + py * d[1] + pz * d[2]) / max(float(d @ d), 1e-6), 0.0, 1.0)
+        dist2 = (px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2
+        return sl, dist2 <= r * r
+
+
+def _span(coords: np.ndarray, c: float, r: float) -> slice:
+    """Index range of coordinates within [c - r, c + r]."""
+    lo = int(np.searchsorted(coords, c - r, side="left"))
+    hi = int(np.searchsorted(coords, c + r, side="right"))
+    return slice(lo, max(lo, hi))
+
+
+def _paint(vol: np.ndarray, shape, hu: float, where: np.ndarray | None = None) -> None:
+    """Set voxels of a (slices, mask) shape to hu, optionally only where a same-shaped mask holds."""
+    sl, m = shape
+    if where is not None:
+        m = m & where[sl]
+    vol[sl][m] = hu
+
+
+def _lungs(rng: np.random.Generator, s: float) -> dict[str, dict]:
+    """Right and left lung ellipsoids (centre, radii) with per-patient jitter."""
+    j = rng.uniform(0.93, 1.07, size=2)
+    return {
+        "right": {"c": (-68.0 * s, 5.0, 130.0), "r": (52.0 * s * j[0], 82.0 * s, 112.0 * j[1])},
+        "left": {"c": (68.0 * s, 5.0, 135.0), "r": (47.0 * s * j[0], 80.0 * s, 108.0 * j[1])},
+    }
+
+
+def _lobe_point(rng: np.random.Generator, lung: dict, lobe: str, in_lung) -> tuple[float, float, float]:
+    """A random point inside the given lobe: upper = top, middle/lingula = anterior-low, lower = posterior-low."""
+    (cx, cy, cz), (rx, ry, rz) = lung["c"], lung["r"]
+    zr = {"upper": (-0.75, -0.2), "middle": (0.1, 0.55), "lower": (0.2, 0.75)}[lobe]
+    yr = {"upper": (-0.6, 0.6), "middle": (-0.7, -0.1), "lower": (0.05, 0.7)}[lobe]
+    for _ in range(200):
+        p = (
+            cx + rng.uniform(-0.6, 0.6) * rx,
+            cy + rng.uniform(*yr) * ry,
+            cz + rng.uniform(*zr) * rz,
+        )
+        if in_lung(p):
+            return p
+    return (cx, cy + np.mean(yr) * ry, cz + np.mean(zr) * rz)
+
+
+def _draw_findings(rng: np.random.Generator, grid: Grid, prevalence: float) -> list[dict]:
+    """Pick this patient's findings (class + details); drawing happens in make_volume."""
+    out: list[dict] = []
+    for cls in PHANTOM_CLASSES:
+        if rng.random() >= prevalence:
+            continue
+        side = str(rng.choice(["right", "left"]))
+        if cls == "Lung nodule":
+            for _ in range(int(rng.integers(1, 3))):
+                side = str(rng.choice(["right", "left"]))
+                lobe = str(rng.choice(LOBES[side]))
+                # Half of the nodules are 1-3 in-plane HR voxels across, the rest 6-20 mm.
+                small = rng.random() < 0.5
+                d_mm = rng.uniform(1.0, 3.0) * grid.spacing[2] if small else rng.uniform(6.0, 20.0)
+                out.append({"class": cls, "side": side, "lobe": lobe, "size_mm": round(float(d_mm), 1)})
+        elif cls == "Pleural effusion":
+            sides = [side] if rng.random() < 0.6 else ["right", "left"]
+            for sd in sides:
+                out.append({"class": cls, "side": sd, "size_mm": int(rng.integers(15, 41))})
+        elif cls in ("Consolidation", "Lung opacity"):
+            lobe = str(rng.choice(LOBES[side]))
+            out.append({"class": cls, "side": side, "lobe": lobe, "size_mm": int(rng.integers(25, 56))})
+        elif cls == "Pericardial effusion":
+            out.append({"class": cls, "size_mm": int(rng.integers(8, 16))})
+        elif cls == "Lymphadenopathy":
+            names = sorted(rng.choice(list(LN_STATIONS), size=int(rng.integers(1, 3)), replace=False))
+            out.append(
+                {"class": cls, "stations": [str(n) for n in names], "size_mm": int(rng.integers(14, 26))}
+            )
+        elif cls == "Arterial wall calcification":
+            out.append({"class": cls, "count": int(rng.integers(4, 9))})
+        elif cls == "Coronary artery wall calcification":
+            out.append({"class": cls, "count": int(rng.integers(2, 6))})
+        else:  # Emphysema, Cardiomegaly
+            out.append({"class": cls})
+    return out
+
+
+def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: float = 0.3):
+    """Build one phantom: (HU int16 array in canonical (D,H,W) = (S->I, A->P, R->L), spacing, findings)."""
+    rng = np.random.default_rng([seed, index])
+    grid = Grid(size)
+    findings = _draw_findings(rng, grid, prevalence)
+    has = {f["class"] for f in findings}
+    s = float(rng.uniform(0.92, 1.08))  # patient build
+    vol = np.full(size, -1000.0, dtype=np.float32)
+
+    # Body: elliptic cross-section along the whole z range, a subcutaneous fat rim, soft tissue inside.
+    yy, xx = grid.y[:, None], grid.x[None, :]
+    body = (xx / (150 * s)) ** 2 + (yy / (112 * s)) ** 2 <= 1.0
+    inner = (xx / (150 * s - 12)) ** 2 + (yy / (112 * s - 12)) ** 2 <= 1.0
+    vol[:, body] = -100.0
+    vol[:, inner] = 40.0
+    _paint(vol, grid.ellipsoid((-40.0, 10.0, 295.0), (110.0 * s, 90.0 * s, 75.0)), 60.0)  # liver
+
+    lungs = _lungs(rng, s)
+    lung_hu = -920.0 if "Emphysema" in has else -850.0
+    lung_mask = np.zeros(size, dtype=bool)
+    for lung in lungs.values():
+        sl, m = grid.ellipsoid(lung["c"], lung["r"])
+        lung_mask[sl] |= m
+    vol[lung_mask] = lung_hu
+
+    def in_lung(p: tuple[float, float, float]) -> bool:
+        iz, iy, ix = (
+            int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
+        )
+        return bool(lung_mask[iz, iy, ix])
+
+    # Mediastinum: fat between the lungs, then the heart inside a pericardial fat layer.
+    _paint(vol, grid.ellipsoid((0.0, -10.0, 125.0), (38.0, 62.0, 105.0)), -90.0)
+    heart_c = (18.0 + rng.uniform(-5, 5), -32.0 + rng.uniform(-4, 4), 175.0)
+    heart_r = np.array([55.0, 45.0, 46.0]) * s * (1.35 if "Cardiomegaly" in has else 1.0)
+    peri = next((f["size_mm"] for f in findings if f["class"] == "Pericardial effusion"), 0)
+    _paint(vol, grid.ellipsoid(heart_c, tuple(heart_r + peri + 4.0)), -100.0)
+    if peri:
+        _paint(vol, grid.ellipsoid(heart_c, tuple(heart_r + peri)), 5.0)
+    _paint(vol, grid.ellipsoid(heart_c, tuple(heart_r)), 45.0)
+
+    # Aorta (ascending, arch, descending), trachea + main bronchi, spine with canal.
+    asc_top, desc_top = (8.0, -22.0, 85.0), (26.0, 42.0, 85.0)
+    aorta = [
+        ((8.0, -22.0, 150.0), asc_top, 14.0),
+        (asc_top, desc_top, 13.0),
+        (desc_top, (26.0, 42.0, 300.0), 12.0),
+    ]
+    for a, b, r in aorta:
+        _paint(vol, grid.capsule(a, b, r), 40.0)
+    carina = (0.0, -2.0, 115.0)
+    for a, b, r in [
+        ((0.0, -5.0, 0.0), carina, 9.0),
+        (carina, (-45.0, 5.0, 138.0), 6.0),
+        (carina, (42.0, 5.0, 140.0), 6.0),
+    ]:
+        _paint(vol, grid.capsule(a, b, r), -1000.0)
+    _paint(vol, grid.capsule((0.0, 75.0, 0.0), (0.0, 75.0, 300.0), 19.0), 350.0)
+    _paint(vol, grid.capsule((0.0, 100.0, 0.0), (0.0, 100.0, 300.0), 7.0), 20.0)
+
+    # Findings, painted with their stated side / lobe / size.
+    for f in findings:
+        cls = f["class"]
+        if cls == "Emphysema":
+            for _ in range(int(rng.integers(12, 25))):
+                side = lungs[str(rng.choice(["right", "left"]))]
+                p = _lobe_point(rng, side, str(rng.choice(["upper", "lower"])), in_lung)
+                r = float(rng.uniform(4.0, 9.0))
+                _paint(vol, grid.ellipsoid(p, (r, r, r)), -1000.0, where=lung_mask)
+        elif cls == "Lung nodule":
+            p = grid.snap(*_lobe_point(rng, lungs[f["side"]], f["lobe"], in_lung))
+            r = f["size_mm"] / 2
+            _paint(vol, grid.ellipsoid(p, (r, r, r)), 30.0)
+            vol[
+                tuple(
+                    int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
+                )
+            ] = 30.0
+            f["center_mm"] = [round(v, 1) for v in p]
+        elif cls in ("Consolidation", "Lung opacity"):
+            p = _lobe_point(rng, lungs[f["side"]], f["lobe"], in_lung)
+            hu = 25.0 if cls == "Consolidation" else -560.0
+            for _ in range(3):  # a patch: three overlapping blobs, kept inside the lung
+                q = tuple(v + rng.uniform(-0.25, 0.25) * f["size_mm"] for v in p)
+                r = f["size_mm"] / 2 * rng.uniform(0.6, 1.0)
+                _paint(vol, grid.ellipsoid(q, (r, r * 0.8, r)), hu, where=lung_mask)
+            f["center_mm"] = [round(v, 1) for v in p]
+        elif cls == "Pleural effusion":
+            (cx, cy, cz), (rx, ry, rz) = lungs[f["side"]]["c"], lungs[f["side"]]["r"]
+            # Dependent fluid: the posterior size_mm of each antero-posterior lung column.
+            sl, m = grid.ellipsoid((cx, cy, cz), (rx, ry, rz))
+            zz = ((grid.z[sl[0]] - cz) / rz)[:, None, None] ** 2
+            xx = ((grid.x[sl[2]] - cx) / rx)[None, None, :] ** 2
+            back = cy + ry * np.sqrt(np.clip(1.0 - zz - xx, 0.0, None))
+            fluid = m & (grid.y[sl[1]][None, :, None] >= back - f["size_mm"]) & lung_mask[sl]
+            vol[sl][fluid] = 15.0
+        elif cls == "Lymphadenopathy":
+            for name in f["stations"]:
+                c = LN_STATIONS[name]
+                r = f["size_mm"] / 2
+                _paint(vol, grid.ellipsoid(c, (r * 1.2, r, r * 1.4)), 45.0)
+        elif cls == "Arterial wall calcification":
+            for _ in range(f["count"]):
+                a, b, r = aorta[int(rng.integers(0, 3))]
+                t = rng.uniform(0.1, 0.9)
+                ang = rng.uniform(0, 2 * np.pi)
+                p = (
+                    a[0] + t * (b[0] - a[0]) + r * np.cos(ang),
+                    a[1] + t * (b[1] - a[1]) + r * np.sin(ang),
+                    a[2] + t * (b[2] - a[2]),
+                )
+                _paint(vol, grid.ellipsoid(grid.snap(*p), (2.5, 2.5, 2.5)), 800.0)
+        elif cls == "Coronary artery wall calcification":
+            for _ in range(f["count"]):
+                ang = rng.uniform(-0.9, 0.9)
+                p = (
+                    heart_c[0] + heart_r[0] * np.sin(ang),
+                    heart_c[1] - heart_r[1] * np.cos(ang) * 0.9,
+                    heart_c[2] - heart_r[2] * 0.5,
+                )
+                _paint(vol, grid.ellipsoid(grid.snap(*p), (2.5, 2.5, 2.5)), 800.0)
+
+    vol += rng.standard_normal(size, dtype=np.float32) * NOISE_HU
+    hu = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
+    return hu, grid.spacing, findings
+
+
+# ---- Reports: CT-RATE-style findings text built from a modest set of templates per organ. ----
+
+
+def _pick(rng: np.random.Generator, options: list[str]) -> str:
+    return options[int(rng.integers(0, len(options)))]
+
+
+def _mm(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}".rstrip("0").rstrip(".")
+
+
+def write_report(findings: list[dict], rng: np.random.Generator) -> tuple[str, str]:
+    """(Findings_EN, Impressions_EN) stating each finding with its side / lobe / size, normals otherwise."""
+    by: dict[str, list[dict]] = {}
+    for f in findings:
+        by.setdefault(f["class"], []).append(f)
+    s: list[str] = [
+        _pick(rng, ["Trachea and both main bronchi are open.", "Trachea and both main bronchi are patent."])
+    ]
+    imp: list[str] = []
+    if "Cardiomegaly" in by:
+        s.append(
+            _pick(
+                rng,
+                [
+                    "The heart is enlarged (cardiomegaly).",
+                    "Cardiomegaly is observed; the heart size is increased.",
+                ],
+            )
+        )
+        imp.append("Cardiomegaly.")
+    else:
+        s.append(
+            _pick(rng, ["Heart contour and size are normal.", "The heart size is within normal limits."])
+        )
+    if "Pericardial effusion" in by:
+        t = by["Pericardial effusion"][0]["size_mm"]
+        s.append(
+            _pick(
+                rng,
+                [
+                    f"Pericardial effusion reaching {t} mm in thickness is observed.",
+                    f"There is pericardial effusion with a thickness of {t} mm.",
+                ],
+            )
+        )
+        imp.append("Pericardial effusion.")
+    else:
+        s.append(
+            _pick(rng, ["No pericardial effusion was observed.", "Pericardial effusion was not detected."])
+        )
+    if "Arterial wall calcification" in by:
+        s.append(
+            _pick(
+                rng,
+                [
+                    "Calcific atheroma plaques are observed in the thoracic aorta.",
+                    "There are wall calcifications in the thoracic aorta.",
+                ],
+            )
+        )
+        imp.append("Atherosclerotic calcifications in the thoracic aorta.")
+    else:
+        s.append("Thoracic aorta diameter is normal.")
+    if "Coronary artery wall calcification" in by:
+        s.append(
+            _pick(
+                rng,
+                [
+                    "Calcific plaques are observed in the coronary arteries.",
+                    "There are wall calcifications in the coronary arteries.",
+                ],
+            )
+        )
+        imp.append("Coronary artery calcification.")
+    if "Lymphadenopathy" in by:
+        f = by["Lymphadenopathy"][0]
+        where = " and ".join(f["stations"])
+        s.append(
+            f"Enlarged lymph nodes are observed in the {where} area, the largest with a short axis of {f['size_mm']} mm (lymphadenopathy)."
+        )
+        imp.append("Mediastinal lymphadenopathy.")
+    else:
+        s.append(
+            _pick(
+                rng,
+                [
+                    "No enlarged lymph nodes of pathological size were detected in the mediastinum or hilar regions.",
+                    "There are no pathologically enlarged lymph nodes in the mediastinum.",
+                ],
+            )
+        )
+    lung: list[str] = []
+    if "Emphysema" in by:
+        lung.append(
+            _pick(
+                rng,
+                [
+                    "Emphysematous changes are present in both lungs.",
+                    "Both lungs show emphysematous changes.",
+                ],
+            )
+        )
+        imp.append("Emphysema in both lungs.")
+    for f in by.get("Lung nodule", []):
+        d, side, lobe = _mm(f["size_mm"]), f["side"], f["lobe"]
+        lung.append(
+            _pick(
+                rng,
+                [
+                    f"A nodule measuring {d} mm is observed in the {lobe} lobe of the {side} lung.",
+                    f"There is a {d} mm nodule in the {side} lung {lobe} lobe.",
+                ],
+            )
+        )
+        imp.append(f"{d} mm nodule in the {side} lung {lobe} lobe.")
+    if "Lung nodule" not in by:
+        lung.append(
+            _pick(
+                rng,
+                [
+                    "No nodule or mass was detected in either lung.",
+                    "No nodular lesion was observed in both lungs.",
+                ],
+            )
+        )
+    for f in by.get("Consolidation", []):
+        side, lobe = f["side"], f["lobe"]
+        lung.append(
+            _pick(
+                rng,
+                [
+                    f"An area of consolidation is observed in the {lobe} lobe of the {side} lung.",
+                    f"There is consolidation in the {side} lung {lobe} lobe.",
+                ],
+            )
+        )
+        imp.append(f"Consolidation in the {side} lung {lobe} lobe.")
+    for f in by.get("Lung opacity", []):
+        side, lobe = f["side"], f["lobe"]
+        lung.append(
+            _pick(
+                rng,
+                [
+                    f"Ground-glass opacities are observed in the {lobe} lobe of the {side} lung.",
+                    f"There are ground-glass density increases in the {side} lung {lobe} lobe.",
+                ],
+            )
+        )
+        imp.append(f"Ground-glass opacity in the {side} lung {lobe} lobe.")
+    if "Consolidation" not in by and "Lung opacity" not in by:
+        lung.append(
+            _pick(
+                rng,
+                [
+                    "No consolidation or ground-glass opacity was observed in the lung parenchyma.",
+                    "No infiltration or consolidation area was detected in the lung parenchyma.",
+                ],
+            )
+        )
+    s.append("When examined in the lung parenchyma window; " + " ".join(lung))
+    eff = by.get("Pleural effusion", [])
+    if len(eff) == 2:
+        r, left = (f["size_mm"] for f in sorted(eff, key=lambda f: f["side"] != "right"))
+        s.append(
+            f"Bilateral pleural effusion is observed, measuring {r} mm on the right and {left} mm on the left in its thickest part."
+        )
+        imp.append("Bilateral pleural effusion.")
+    elif eff:
+        side, t = eff[0]["side"], eff[0]["size_mm"]
+        s.append(
+            _pick(
+                rng,
+                [
+                    f"Pleural effusion measuring {t} mm in its thickest part is observed in the {side} hemithorax.",
+                    f"There is {side} pleural effusion with a thickness of {t} mm.",
+                ],
+            )
+        )
+        imp.append(f"{side.capitalize()} pleural effusion.")
+    else:
+        s.append(
+            _pick(
+                rng,
+                ["No pleural effusion was detected on either side.", "Pleural effusion was not observed."],
+            )
+        )
+    s.append(
+        _pick(
+            rng,
+            [
+                "Upper abdominal organs included in the sections are normal.",
+                "The upper abdominal organs in the study area are unremarkable.",
+            ],
+        )
+    )
+    s.append(
+        _pick(
+            rng, ["Bone structures in the study area are normal.", "Vertebral corpus heights are preserved."]
+        )
+    )
+    impression = " ".join(imp) if imp else "No significant pathology was detected in the thorax."
+    return " ".join(s), impression
+
+
+# ---- Writing the set in CT-RATE's layout. ----
+
+
+def volume_name(split: str, pid: int) -> str:
+    """CT-RATE file name <split>_<pid>_<scan>_<recon>.nii.gz (one scan 'a', reconstruction 1)."""
+    return f"{split}_{pid}_a_1.nii.gz"
+
+
+def volume_path(root: Path, name: str) -> Path:
+    """CT-RATE path <split>/<split>_<pid>/<split>_<pid>_<scan>/<name>."""
+    split, pid, scan = name.split("_")[:3]
+    return root / split / f"{split}_{pid}" / f"{split}_{pid}_{scan}" / name
+
+
+def save_nifti(hu: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    """Save a canonical (S->I, A->P, R->L) HU array as int16 NIfTI in LPS (x: ->L, y: ->P, z: ->S), atomically."""
+    sz, sy, sx = spacing
+    data = np.ascontiguousarray(
+        (hu.astype(np.int32) - int(INTERCEPT)).astype(np.int16).transpose(2, 1, 0)[:, :, ::-1]
+    )
+    img = nib.Nifti1Image(data, np.diag([-sx, -sy, sz, 1.0]))
+    img.header.set_slope_inter(SLOPE, INTERCEPT)
+    img.header.set_xyzt_units("mm")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.nii.gz")
+    img.to_filename(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _one(args: tuple[str, int, str, tuple[int, int, int], int, int, float]) -> dict:
+    """Generate, save and describe one volume (runs in a worker process)."""
+    out, idx, split, size, pid, seed, prevalence = args
+    hu, spacing, findings = make_volume(size, seed, idx, prevalence)
+    name = volume_name(split, pid)
+    save_nifti(hu, spacing, volume_path(Path(out), name))
+    rng = np.random.default_rng([seed, idx, 1])
+    fnd, imp = write_report(findings, rng)
+    clinical = _pick(
+        rng, ["Not given.", "Cough.", "Shortness of breath.", "Follow-up examination.", "Chest pain."]
+    )
+    tech = f"Non-contrast axial images of the thorax were obtained with {spacing[0]:.1f} mm slice thickness."
+    labels = {c: int(any(f["class"] == c for f in findings)) for c in CLASSES}
+    return {
+        "split": split,
+        "report": {
+            "VolumeName": name,
+            "ClinicalInformation_EN": clinical,
+            "Technique_EN": tech,
+            "Findings_EN": fnd,
+            "Impressions_EN": imp,
+        },
+        "meta": {
+            "VolumeName": name,
+            "RescaleSlope": SLOPE,
+            "RescaleIntercept": INTERCEPT,
+            "XYSpacing": f"[{spacing[1]:.6g}, {spacing[2]:.6g}]",
+            "ZSpacing": f"{spacing[0]:.6g}",
+            "Findings": json.dumps(findings, sort_keys=True),
+        },
+        "labels": {"VolumeName": name, **labels},
+    }
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """Write a CSV atomically (temp file in the same directory, then os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows(rows)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def generate_phantom(
+    out_dir: str | os.PathLike,
+    n: int,
+    size: tuple[int, int, int] = (32, 64, 64),
+    seed: int = 0,
+    valid_fraction: float = 0.2,
+    prevalence: float = 0.3,
+    workers: int = 1,
+) -> dict:
+    """Write n phantom volumes (train + valid) in CT-RATE's layout under out_dir; return a summary."""
+    if n < 2:
+        raise ValueError(f"phantom needs n >= 2 (one train and one valid volume), got {n}")
+    if len(size) != 3 or min(size) < 8:
+        raise ValueError(f"phantom size must be D,H,W each >= 8, got {size}")
+    out = Path(out_dir)
+    n_valid = min(n - 1, max(1, round(n * valid_fraction)))
+    jobs = [
+        (str(out), i, "train" if i < n - n_valid else "valid", tuple(size), 0, seed, prevalence)
+        for i in range(n)
+    ]
+    jobs = [
+        (o, i, sp, sz, (i + 1 if sp == "train" else i - (n - n_valid) + 1), sd, p)
+        for o, i, sp, sz, _, sd, p in jobs
+    ]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            rows = list(pool.map(_one, jobs, chunksize=4))
+    else:
+        rows = [_one(j) for j in jobs]
+    for split in ("train", "valid"):
+        part = [r for r in rows if r["split"] == split]
+        _write_csv(
+            out / "radiology_text_reports" / f"{split}_reports.csv",
+            REPORT_COLUMNS,
+            [r["report"] for r in part],
+        )
+        _write_csv(out / "metadata" / f"{split}_metadata.csv", METADATA_COLUMNS, [r["meta"] for r in part])
+        _write_csv(
+            out / "multi_abnormality_labels" / f"{split}_predicted_labels.csv",
+            ("VolumeName", *CLASSES),
+            [r["labels"] for r in part],
+        )
+    counts = {c: sum(r["labels"][c] for r in rows) for c in PHANTOM_CLASSES}
+    return {
+        "out": str(out),
+        "n": n,
+        "train": n - n_valid,
+        "valid": n_valid,
+        "size": list(size),
+        "positives": counts,
+    }
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """Parse 'D,H,W' into a tuple of three ints."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"size must be D,H,W, got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: generate a phantom set and print its summary as JSON."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--size", type=parse_size, default=(32, 64, 64))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--valid-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--prevalence", type=float, default=0.3, help="probability of each finding class per volume"
+    )
+    p.add_argument("--workers", type=int, default=1)
+    a = p.parse_args(argv)
+    print(json.dumps(generate_phantom(a.out, a.n, a.size, a.seed, a.valid_fraction, a.prevalence, a.workers)))
+
+
+if __name__ == "__main__":
+    main()
