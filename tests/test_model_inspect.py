@@ -1,0 +1,38 @@
+"""The inspect command: token counts at paper sizes and parameter counts, without weights."""
+
+import json
+
+from hilt_scale.inspect import main
+
+PAPER = ["--vision", "vit-base", "--hr-size", "256,512,512", "--lr-size", "64,128,128"]
+
+
+def run(capsys, *argv):
+    info = main(list(argv))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == info  # the final line is the machine-readable copy
+    return info
+
+
+def test_hilt_reports_64_visual_tokens_at_both_hr_sizes(capsys):
+    big = run(capsys, *PAPER, "--connector", "hilt", "--llm", "llama3-8b")
+    assert (big["hr_tokens"], big["lr_tokens"], big["visual_tokens"]) == (4096, 64, 64)
+    assert 8.0e9 < big["llm_params"] < 8.1e9  # Llama-3-8B
+    small = run(
+        capsys, "--vision", "vit-base", "--hr-size", "128,256,256", "--lr-size", "64,128,128", "--llm", "none"
+    )
+    assert (small["hr_tokens"], small["visual_tokens"]) == (512, 64)
+
+
+def test_all_tokens_reports_4096(capsys):
+    info = run(capsys, *PAPER, "--connector", "all-tokens", "--llm", "none")
+    assert info["visual_tokens"] == 4096
+
+
+def test_lora_and_trainable_counts(capsys):
+    info = run(capsys, "--vision", "vit-micro", "--resolution", "cpu-micro", "--llm", "llm-micro")
+    # llm-micro: hidden 64, MLP 128, 2 layers, LoRA r=8 on q,k,v,o (64->64), gate/up (64->128), down (128->64).
+    per_layer = 8 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    assert info["lora_params"] == 2 * per_layer
+    assert info["trainable_params"] == info["vision_params"] + info["connector_params"] + info["lora_params"]
+    assert info["total_params"] == info["trainable_params"] + info["llm_params"]
