@@ -31,6 +31,7 @@ lazily, so the variable does not have to be set before import).
 Works with triton 3.6 and 3.9: pointer arithmetic only (no ``tl.make_block_ptr``), no autotune.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -56,7 +57,7 @@ def triton_available() -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. They are plain functions here and wrapped with ``triton.jit`` on first use
-# (see ``_jit``), so that TRITON_INTERPRET is read at launch rather than at import.
+# (see ``_launch``), so that TRITON_INTERPRET is read at launch rather than at import.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -267,9 +268,39 @@ def _compiled(fn, interpret: bool):
     return triton.jit(fn)
 
 
-def _jit(fn):
-    """The kernel wrapped for the current TRITON_INTERPRET setting, read at launch, not import."""
-    return _compiled(fn, _interpreting())
+@contextlib.contextmanager
+def _interpretable_stdlib():
+    """Let the interpreter call tl.max / tl.sum / tl.zeros even if triton was imported earlier.
+
+    Triton wraps its own library functions at import time; when something (peft, bitsandbytes,
+    torch._dynamo) imported triton before TRITON_INTERPRET was set, those are compiled-mode
+    objects that the interpreter refuses to call. For the launch, swap in interpreted twins.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    saved = [
+        (mod, name, val)
+        for mod in (tl, tl.standard, tl.math)
+        for name, val in list(vars(mod).items())
+        if isinstance(val, JITFunction)
+    ]
+    for mod, name, val in saved:
+        setattr(mod, name, InterpretedFunction(val.fn))
+    try:
+        yield
+    finally:
+        for mod, name, val in saved:
+            setattr(mod, name, val)
+
+
+def _launch(fn, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """Launch a kernel, reading TRITON_INTERPRET now (not at import) to pick GPU or interpreter."""
+    if not _interpreting():
+        _compiled(fn, False)[grid](*args, **kwargs)
+        return
+    with _interpretable_stdlib():
+        _compiled(fn, True)[grid](*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +394,9 @@ def _forward(
     acc = _empty((splits, bh, m, d), torch.float32, q.device)
     mx = _empty((splits, bh, m), torch.float32, q.device)
     lx = _empty((splits, bh, m), torch.float32, q.device)
-    _jit(_fwd_split_kernel)[(splits, n_m * n_dv, bh)](
+    _launch(
+        _fwd_split_kernel,
+        (splits, n_m * n_dv, bh),
         q, k, v, acc, mx, lx,
         scale * LOG2E, m, n, d, heads, keys_per_split,
         *q.stride(), *k.stride(), *v.stride(),
@@ -376,7 +409,9 @@ def _forward(
     o_attn = _empty((bsz, heads, m, d), torch.float32, q.device)
     lse = _empty((bsz, heads, m), torch.float32, q.device)
     block_d = min(_pow2(d), 128)
-    _jit(_fwd_combine_kernel)[(n_m * triton.cdiv(d, block_d), bh)](
+    _launch(
+        _fwd_combine_kernel,
+        (n_m * triton.cdiv(d, block_d), bh),
         q, acc, mx, lx, out, o_attn, lse,
         splits, m, d, heads,
         *q.stride(), *out.stride(),
@@ -401,7 +436,9 @@ def _backward_p_ds(
     cfg = cfg or pick_config(m, n, d)
     pds = _empty((bsz, heads, 2 * m, n), q.dtype, q.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), bsz * heads)
-    _jit(_bwd_p_ds_kernel)[grid](
+    _launch(
+        _bwd_p_ds_kernel,
+        grid,
         q, k, v, do, lse, delta, pds,
         scale * LOG2E, scale, m, n, d, heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),

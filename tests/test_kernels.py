@@ -6,7 +6,11 @@ a kernel forgets to write fails the comparison. bf16 cases are GPU-marked and sk
 """
 
 import importlib
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +183,40 @@ def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
 def test_bf16_on_gpu(shape_q, n, kv_same, scale):
     q, k, v = make_inputs(shape_q, n, torch.bfloat16, kv_same, seed=n)
     check_against_reference(q, k, v, scale, TOL[torch.bfloat16])
+
+
+def test_interpreter_works_when_triton_was_imported_first(tmp_path):
+    """peft / bitsandbytes import triton before tests set TRITON_INTERPRET; kernels must still run."""
+    script = (
+        "import os, triton, torch\n"  # triton first, interpreter off
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "from kernels import hilt_attention, hilt_attention_reference\n"
+        "q, k = torch.randn(1, 3, 32), torch.randn(1, 40, 32)\n"
+        "err = (hilt_attention(q, k, k) - hilt_attention_reference(q, k, k)).abs().max().item()\n"
+        "assert err < 1e-5, err\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_bench_cpu_quick_writes_json(tmp_path, capsys):
+    """The bench runs end to end on a CPU (interpreter), prints a table and a JSON line, writes JSON."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU bench is a benchmark, not a test")
+    from kernels import bench
+
+    out = tmp_path / "bench.json"
+    payload = bench.main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "interpreter" in printed and json.loads(printed.strip().splitlines()[-1]) == payload
+    assert json.loads(out.read_text()) == payload
+    impls = {r["impl"] for r in payload["rows"]}
+    assert impls == {"eager", "sdpa", "triton"}
+    assert payload["interpreter"] and payload["torch"] == torch.__version__
+    triton_row = next(r for r in payload["rows"] if r["impl"] == "triton")
+    assert triton_row["max_rel_err"] < 1e-4 and triton_row["max_rel_err_grad"] < 1e-4
+    assert len(triton_row["fwd_ms"]) == 3 and triton_row["fwd_ms"][1] > 0

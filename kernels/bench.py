@@ -1,0 +1,275 @@
+"""Benchmark HILT attention: eager, torch.compile, SDPA and the fused Triton kernel.
+
+    python -m kernels.bench            # full grid on a GPU (B 1/2/4, N 512/4096/32768, 768 and 12x64)
+    python -m kernels.bench --quick    # B=2, N 4096/32768 only
+    python -m kernels.bench --out results.json
+
+For every shape and implementation: forward and forward+backward time (p50 of
+``triton.testing.do_bench``, p20/p80 in the JSON), the share of the copy roofline (bytes = each
+input read once, K=V once when aliased, each output written once, over a copy bandwidth this run
+measures itself), and the max relative error of the output and of the gradients against the
+float64 eager reference. The Triton row also gives its speed-up over the best torch implementation.
+Prints a table, then one JSON line; writes the same JSON to ``--out``.
+
+Without CUDA it runs a few small fp32 shapes through the Triton interpreter and says so: those
+timings measure the interpreter, not a kernel, and only show that the command works end to end.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark case: heads=0 means the paper's single head [B, N', C]."""
+
+    batch: int
+    heads: int
+    queries: int
+    keys: int
+    width: int  # C for a single head, d per head otherwise
+    kv_same: bool
+
+    def label(self) -> str:
+        """Short human name, e.g. ``B2 N32768 C768 k=v``."""
+        head = f"C{self.width}" if self.heads == 0 else f"{self.heads}x{self.width}"
+        return f"B{self.batch} N'{self.queries} N{self.keys} {head} {'k=v' if self.kv_same else 'k,v'}"
+
+    def q_shape(self) -> tuple[int, ...]:
+        lead = (self.batch,) if self.heads == 0 else (self.batch, self.heads)
+        return (*lead, self.queries, self.width)
+
+    def k_shape(self) -> tuple[int, ...]:
+        return (*self.q_shape()[:-2], self.keys, self.width)
+
+
+def gpu_shapes(quick: bool) -> list[Shape]:
+    """The issue's grid: B in {1,2,4}, N in {512, 4096, 32768}, C=768 and 12x64, k=v and k,v."""
+    batches, keys = ((2,), (4096, 32768)) if quick else ((1, 2, 4), (512, 4096, 32768))
+    return [
+        Shape(b, heads, 64, n, width, kv_same)
+        for b in batches
+        for n in keys
+        for heads, width in ((0, 768), (12, 64))
+        for kv_same in (True, False)
+    ]
+
+
+def cpu_shapes(quick: bool) -> list[Shape]:
+    """Small shapes the interpreter finishes in seconds."""
+    shapes = [Shape(1, 0, 16, 512, 256, True), Shape(1, 4, 16, 512, 64, False)]
+    return shapes[:1] if quick else shapes
+
+
+def sdpa_hilt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """HILT attention through torch's scaled_dot_product_attention (the model's fallback path)."""
+    return q + F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def implementations(use_compile: bool) -> dict[str, Callable]:
+    """Name -> callable(q, k, v) for every implementation measured."""
+    from kernels.hilt_attention import hilt_attention
+    from kernels.reference import hilt_attention_reference
+
+    impls = {"eager": hilt_attention_reference, "sdpa": sdpa_hilt}
+    if use_compile:
+        impls["compile"] = torch.compile(hilt_attention_reference)
+    impls["triton"] = hilt_attention
+    return impls
+
+
+def time_ms(fn: Callable[[], object], grads: list[torch.Tensor], on_gpu: bool) -> list[float]:
+    """[p20, p50, p80] milliseconds: triton's do_bench on a GPU, a wall clock otherwise."""
+    if on_gpu:
+        import triton.testing
+
+        return list(triton.testing.do_bench(fn, grad_to_none=grads, quantiles=[0.2, 0.5, 0.8]))
+    fn()  # warm up (the interpreter wraps kernels on first use)
+    samples = []
+    for _ in range(3):
+        for t in grads:
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return [samples[0], statistics.median(samples), samples[-1]]
+
+
+def copy_bandwidth(device: torch.device, on_gpu: bool) -> float:
+    """Bytes per second of a plain device copy (read + write), the roofline's denominator."""
+    n = (1 << 30 if on_gpu else 1 << 26) // 2  # 1 GiB of bf16 on a GPU, 64 MiB on a CPU
+    src = torch.empty(n, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), [], on_gpu)[1]
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def roofline_bytes(shape: Shape, elem: int, backward: bool) -> int:
+    """Bytes that must move: inputs read once (K=V once), outputs written once; bwd adds its own."""
+    q = math.prod(shape.q_shape())
+    k = math.prod(shape.k_shape())
+    kv = k if shape.kv_same else 2 * k
+    fwd = q + kv + q  # read q, k, v; write out
+    bwd = q + kv + q + q + kv  # read q, k, v, dout; write dq, dk (+ dv)
+    return elem * (fwd + bwd if backward else fwd)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Max abs error over max abs reference value."""
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def run_shape(
+    shape: Shape, impls: dict[str, Callable], dtype: torch.dtype, device: torch.device, bw: float
+) -> list[dict]:
+    """Measure every implementation on one shape; return one result row per implementation."""
+    from kernels.reference import hilt_attention_reference
+
+    on_gpu = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(shape.q_shape(), generator=gen, device=device, dtype=dtype).requires_grad_()
+    k = torch.randn(shape.k_shape(), generator=gen, device=device, dtype=dtype).requires_grad_()
+    v = (
+        k
+        if shape.kv_same
+        else torch.randn(shape.k_shape(), generator=gen, device=device, dtype=dtype).requires_grad_()
+    )
+    leaves = [q, k] if shape.kv_same else [q, k, v]
+    dout = torch.randn(shape.q_shape(), generator=gen, device=device, dtype=dtype)
+
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    v64 = k64 if shape.kv_same else v.detach().double().requires_grad_()
+    ref = hilt_attention_reference(q64, k64, v64)
+    ref.backward(dout.double())
+    ref_grads = [q64.grad, k64.grad] if shape.kv_same else [q64.grad, k64.grad, v64.grad]
+
+    elem = torch.finfo(dtype).bits // 8
+    rows = []
+    for name, fn in impls.items():
+        for t in leaves:
+            t.grad = None
+        out = fn(q, k, v)
+        out.backward(dout)
+        err = rel_err(out.detach(), ref.detach())
+        grad_err = max(rel_err(t.grad, r) for t, r in zip(leaves, ref_grads))
+        with torch.no_grad():  # inference forward: nothing kept for a backward
+            fwd = time_ms(lambda fn=fn: fn(q, k, v), [], on_gpu)
+        fb = time_ms(lambda fn=fn: fn(q, k, v).backward(dout), leaves, on_gpu)
+        rows.append(
+            {
+                "shape": shape.label(),
+                **asdict(shape),
+                "impl": name,
+                "fwd_ms": fwd,
+                "fwd_bwd_ms": fb,
+                "fwd_roofline_pct": 100 * roofline_bytes(shape, elem, False) / bw / (fwd[1] * 1e-3),
+                "fwd_bwd_roofline_pct": 100 * roofline_bytes(shape, elem, True) / bw / (fb[1] * 1e-3),
+                "max_rel_err": err,
+                "max_rel_err_grad": grad_err,
+            }
+        )
+    torch_rows = [r for r in rows if r["impl"] != "triton"]
+    for r in rows:
+        if r["impl"] == "triton" and torch_rows:
+            r["speedup_fwd"] = min(t["fwd_ms"][1] for t in torch_rows) / r["fwd_ms"][1]
+            r["speedup_fwd_bwd"] = min(t["fwd_bwd_ms"][1] for t in torch_rows) / r["fwd_bwd_ms"][1]
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """Human-readable table: one line per (shape, implementation)."""
+    head = f"{'shape':<32} {'impl':<8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd %roof':>9} {'f+b %roof':>9} "
+    head += f"{'err':>8} {'grad err':>8} {'speedup':>11}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        speed = f"{r['speedup_fwd']:.2f}/{r['speedup_fwd_bwd']:.2f}" if "speedup_fwd" in r else ""
+        print(
+            f"{r['shape']:<32} {r['impl']:<8} {r['fwd_ms'][1]:>9.4f} {r['fwd_bwd_ms'][1]:>11.4f} "
+            f"{r['fwd_roofline_pct']:>9.1f} {r['fwd_bwd_roofline_pct']:>9.1f} "
+            f"{r['max_rel_err']:>8.1e} {r['max_rel_err_grad']:>8.1e} {speed:>11}"
+        )
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write atomically: a temp file in the target directory, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark grid, print table + JSON line, write the JSON file; return the payload."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 (GPU) / fp32 (CPU)"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default: off on CPU)")
+    parser.add_argument("--out", default="kernel_bench.json", help="JSON results file")
+    args = parser.parse_args(argv)
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # the kernels read it at launch
+    import triton
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if on_gpu else "fp32")
+    ]
+    if not on_gpu and dtype == torch.bfloat16:
+        parser.error("bf16 needs a GPU: the Triton interpreter computes garbage for bf16 dots")
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if on_gpu
+        else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    )
+    if not on_gpu:
+        print("No CUDA: running small shapes through the Triton interpreter; timings are NOT kernel timings.")
+
+    bw = copy_bandwidth(device, on_gpu)
+    impls = implementations(use_compile=on_gpu and not args.no_compile)
+    shapes = gpu_shapes(args.quick) if on_gpu else cpu_shapes(args.quick)
+    rows = []
+    for shape in shapes:
+        rows.extend(run_shape(shape, impls, dtype, device, bw))
+        if on_gpu:
+            torch.cuda.empty_cache()
+    print(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__} | dtype {dtype} "
+          f"| copy {bw / 1e9:.0f} GB/s | times: p50 ms")  # fmt: skip
+    print_table(rows)
+    payload = {
+        "device": device_name,
+        "interpreter": not on_gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": sys.version.split()[0],
+        "dtype": str(dtype).removeprefix("torch."),
+        "copy_GBps": bw / 1e9,
+        "time_stat": "ms [p20, p50, p80]",
+        "rows": rows,
+    }
+    print(json.dumps(payload))
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
