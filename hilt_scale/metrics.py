@@ -11,6 +11,7 @@ ROUGE-2 come from rouge-score (F1). Every scorer sees the same normalised text (
 from __future__ import annotations
 
 import atexit
+import math
 import re
 import shutil
 import threading
@@ -80,12 +81,17 @@ def _close_meteor() -> None:
 
 
 def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
-    """Corpus scores and per-report scores (0-100) of the nine metrics; see ``compute_metrics``."""
+    """Corpus scores, per-report scores (0-100) and BLEU statistics; see ``compute_metrics``.
+
+    Returns ``{"corpus": {metric: value}, "per_report": {metric: [value per report]},
+    "bleu_stats": [[testlen, reflen, guess1..4, correct1..4] per report], "unavailable": {...}}``;
+    the per-report values and BLEU statistics let ``hilt_scale.evaluate`` bootstrap over reports.
+    """
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("no reports to score")
-    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
     from rouge_score.rouge_scorer import RougeScorer
@@ -96,10 +102,23 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
     per: dict[str, list[float]] = {}
     unavailable: dict[str, str] = {}
 
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    # What pycocoevalcap's Bleu(4).compute_score does, keeping the scorer to read its statistics.
+    bleu_scorer = BleuScorer(n=4)
+    for i in gts:
+        bleu_scorer += (res[i][0], gts[i])
+    bleu, bleu_each = bleu_scorer.compute_score(option="closest", verbose=0)
     for n in range(4):
         corpus[f"bleu{n + 1}"] = 100.0 * bleu[n]
         per[f"bleu{n + 1}"] = [100.0 * s for s in bleu_each[n]]
+    bleu_stats = [
+        [
+            c["testlen"],
+            bleu_scorer._single_reflen(c["reflen"], "closest", c["testlen"]),
+            *c["guess"],
+            *c["correct"],
+        ]
+        for c in bleu_scorer.ctest
+    ]
     try:
         meteor, meteor_each = meteor_scorer().compute_score(gts, res)
         corpus["meteor"] = 100.0 * meteor
@@ -119,7 +138,32 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
     cider, cider_each = Cider().compute_score(gts, res)
     corpus["cider"] = 100.0 * float(cider)
     per["cider"] = [100.0 * float(s) for s in cider_each]
-    return {"corpus": corpus, "per_report": per, "unavailable": unavailable}
+    return {"corpus": corpus, "per_report": per, "bleu_stats": bleu_stats, "unavailable": unavailable}
+
+
+def bleu_from_stats(stats: Sequence[Sequence[float]]) -> list[float]:
+    """Corpus BLEU-1..4 (0-100) from summed per-report statistics, exactly as pycocoevalcap does."""
+    tiny, small = 1e-15, 1e-9
+    total = [sum(column) for column in zip(*stats)]
+    testlen, reflen, guess, correct = total[0], total[1], total[2:6], total[6:10]
+    out, bleu = [], 1.0
+    for k in range(4):
+        bleu *= (correct[k] + tiny) / (guess[k] + small)
+        out.append(bleu ** (1.0 / (k + 1)))
+    ratio = (testlen + tiny) / (reflen + small)
+    if ratio < 1:
+        out = [b * math.exp(1 - 1 / ratio) for b in out]
+    return [100.0 * b for b in out]
+
+
+def summarize(corpus: dict[str, float], unavailable: dict[str, str]) -> dict:
+    """The nine metrics present, their ``average``, ``average_of`` and ``unavailable``."""
+    out: dict = {name: corpus[name] for name in METRIC_NAMES if name in corpus}
+    covered = [name for name in METRIC_NAMES if name in out]
+    out["average"] = sum(out[name] for name in covered) / len(covered)
+    out["average_of"] = covered
+    out["unavailable"] = dict(unavailable)
+    return out
 
 
 def compute_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
@@ -130,10 +174,4 @@ def compute_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dic
     given, so CIDEr (and the average) depends on the evaluation set, not only on each report.
     """
     scores = per_report_scores(references, hypotheses)
-    out: dict = {name: scores["corpus"][name] for name in METRIC_NAMES if name in scores["corpus"]}
-    covered = [name for name in METRIC_NAMES if name in out]
-    out["average"] = sum(out[name] for name in covered) / len(covered)
-    out["average_of"] = covered
-    out["unavailable"] = scores["unavailable"]
-    out["n"] = len(references)
-    return out
+    return {**summarize(scores["corpus"], scores["unavailable"]), "n": len(references)}

@@ -1,0 +1,257 @@
+"""Score generated reports: nine text metrics + clinical efficacy, bootstrap CIs, benchmark tables.
+
+    python -m hilt_scale.evaluate PRED.jsonl [--out metrics.json] [--bootstrap 1000]
+    python -m hilt_scale.evaluate --compare RUNDIR [RUNDIR ...]
+
+PRED.jsonl has one JSON object per line with ``key``, ``reference`` and ``generated`` (the
+trainer's ``predictions.jsonl``). Bad input is an error naming the file and line (non-UTF-8 or
+non-JSON line, missing key, non-string text, empty reference, duplicate key); an empty
+``generated`` text is scored as it is (it earns 0) and counted in ``n_empty_generated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hilt_scale import metrics
+from hilt_scale.abnormalities import CLASSES
+from hilt_scale.labeler import clinical_efficacy, label_reports
+
+FIELDS = ("key", "reference", "generated")
+
+
+def check_records(records: Sequence[dict], source: str = "records") -> None:
+    """Raise ValueError naming the record if a key is missing, not a string, empty or duplicated."""
+    seen: dict[str, int] = {}
+    for number, rec in enumerate(records, 1):
+        where = f"{source}:{number}"
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        for field in FIELDS:
+            if field not in rec:
+                raise ValueError(f"{where}: missing key '{field}'")
+            if not isinstance(rec[field], str):
+                raise ValueError(f"{where}: '{field}' must be a string, got {type(rec[field]).__name__}")
+        if not rec["key"]:
+            raise ValueError(f"{where}: empty 'key'")
+        if not metrics.normalize(rec["reference"]):
+            raise ValueError(f"{where}: empty 'reference' for key {rec['key']!r} (nothing to score against)")
+        if rec["key"] in seen:
+            raise ValueError(f"{where}: duplicate key {rec['key']!r} (first at {source}:{seen[rec['key']]})")
+        seen[rec["key"]] = number
+
+
+def evaluate_records(records: Sequence[dict], bootstrap: int = 0, seed: int = 0) -> dict:
+    """Nine metrics (0-100) + clinical efficacy (0-1) of ``generated`` against ``reference``.
+
+    Keys: those of ``metrics.compute_metrics``; ``ce_{micro,macro}_{precision,recall,f1}`` and
+    ``ce_per_class`` from labelling both texts with ``hilt_scale.labeler``; ``n``,
+    ``n_empty_generated``; with ``bootstrap`` > 0, ``ci95`` -> {average, ce_micro_f1,
+    ce_macro_f1: [low, high]} from that many resamples of the reports.
+    """
+    check_records(records)
+    refs = [r["reference"] for r in records]
+    gens = [r["generated"] for r in records]
+    scores = metrics.per_report_scores(refs, gens)
+    out = metrics.summarize(scores["corpus"], scores["unavailable"])
+    truth, predicted = label_reports(refs), label_reports(gens)
+    efficacy = clinical_efficacy(truth, predicted)
+    out.update({k: v for k, v in efficacy.items() if k != "per_class"})
+    out["ce_per_class"] = efficacy["per_class"]
+    out["n"] = len(records)
+    out["n_empty_generated"] = sum(1 for g in gens if not metrics.normalize(g))
+    if bootstrap > 0:
+        out["ci95"] = bootstrap_ci(scores, truth, predicted, bootstrap, seed)
+        out["bootstrap"] = {"resamples": bootstrap, "seed": seed}
+    return out
+
+
+def bootstrap_ci(scores: dict, truth: list[dict], predicted: list[dict], resamples: int, seed: int) -> dict:
+    """95 % percentile intervals of the average and the F1s over resamples of the reports.
+
+    Each resample recomputes corpus BLEU from summed statistics, ROUGE-1/2/L and CIDEr-D as means
+    of per-report scores (CIDEr-D's IDF stays that of the full set) and METEOR as the mean of
+    per-report METEOR (Java METEOR pools statistics inside the JVM; its mean is the one
+    approximation here). Micro/macro F1 are recomputed from the resampled label rows.
+    """
+    n = len(truth)
+    rng = np.random.default_rng(seed)
+    per = {name: np.asarray(v) for name, v in scores["per_report"].items()}
+    stats = np.asarray(scores["bleu_stats"], dtype=np.float64)
+    t = np.array([[row[c] for c in CLASSES] for row in truth], dtype=bool)
+    p = np.array([[row[c] for c in CLASSES] for row in predicted], dtype=bool)
+    covered = [m for m in metrics.METRIC_NAMES if m in scores["corpus"]]
+    averages, micro, macro = [], [], []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        values = dict(zip(("bleu1", "bleu2", "bleu3", "bleu4"), metrics.bleu_from_stats([stats[idx].sum(0)])))
+        for name in covered:
+            if not name.startswith("bleu"):
+                values[name] = float(per[name][idx].mean())
+        averages.append(sum(values[m] for m in covered) / len(covered))
+        tp = (t[idx] & p[idx]).sum(0)
+        fp = (~t[idx] & p[idx]).sum(0)
+        fn = (t[idx] & ~p[idx]).sum(0)
+        micro.append(_f1(tp.sum(), fp.sum(), fn.sum()))
+        macro.append(float(np.mean([_f1(a, b, c) for a, b, c in zip(tp, fp, fn)])))
+    return {
+        name: _interval(v)
+        for name, v in (("average", averages), ("ce_micro_f1", micro), ("ce_macro_f1", macro))
+    }
+
+
+def _f1(tp: float, fp: float, fn: float) -> float:
+    """F1 from counts (0 where undefined), as ``labeler.clinical_efficacy`` computes it."""
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def _interval(values: list[float]) -> list[float]:
+    """The 2.5th and 97.5th percentiles."""
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Read a predictions JSONL; a bad line raises ValueError naming the file and line."""
+    records = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+    if not records:
+        raise ValueError(f"{path}: no records")
+    check_records(records, str(path))
+    return records
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON via a temp file in the same directory + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def format_report(scores: dict) -> str:
+    """A short human table of the scores (Markdown)."""
+    names = [*metrics.METRIC_NAMES, "average", "ce_micro_f1", "ce_macro_f1"]
+    ci = scores.get("ci95", {})
+    rows = ["| metric | value | 95 % CI |", "|---|---|---|"]
+    for name in names:
+        if name not in scores:
+            rows.append(f"| {name} | n/a | {scores['unavailable'].get(name, '')} |")
+            continue
+        interval = f"{ci[name][0]:.3f} - {ci[name][1]:.3f}" if name in ci else ""
+        rows.append(f"| {name} | {scores[name]:.3f} | {interval} |")
+    rows.append(f"\naverage of {len(scores['average_of'])}: {', '.join(scores['average_of'])}; ")
+    rows[-1] += f"{scores['n']} reports, {scores['n_empty_generated']} empty generated"
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- benchmark table
+
+
+def run_row(run_dir: Path) -> dict:
+    """The paper-table fields of one run, from its ``summary.json`` (keys: docs/EVALUATION.md)."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read run summary ({exc})") from exc
+    config: dict = {}
+    config_path = run_dir / "export" / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    sets = summary.get("eval")
+    if sets is None and "final" in summary:  # the trainer's single-set summary
+        sets = {summary.get("eval_split", "eval"): summary["final"]}
+    if not isinstance(sets, dict) or not sets:
+        raise ValueError(f"{path}: no 'eval' (set name -> metrics) or 'final' key")
+    hr = summary.get("hr_size") or config.get("resolution", {}).get("hr_size")
+    return {
+        "run": run_dir.name,
+        "method": summary.get("method")
+        or summary.get("connector")
+        or config.get("connector", {}).get("kind"),
+        "hr_size": "x".join(str(v) for v in hr) if hr else None,
+        "visual_tokens": summary.get("visual_tokens"),
+        "llm": summary.get("llm") or config.get("llm", {}).get("name"),
+        "eval": sets,
+    }
+
+
+def compare_table(run_dirs: Sequence[Path]) -> str:
+    """Markdown table: method, input resolution, visual tokens, LLM, average and CE F1 per set."""
+    rows = [run_row(Path(d)) for d in run_dirs]
+    sets = list(dict.fromkeys(name for row in rows for name in row["eval"]))
+    head = ["Method", "Input resolution", "Visual tokens", "LLM"]
+    for name in sets:
+        head += [f"Average ({name})", f"F1 ({name})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["method"] or row["run"], row["hr_size"], row["visual_tokens"], row["llm"]]
+        for name in sets:
+            got = row["eval"].get(name, {})
+            cells += [_cell(got.get("average"), 2), _cell(got.get("ce_micro_f1"), 3)]
+        lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: object, digits: int) -> str | None:
+    """A number formatted for the table, or None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.{digits}f}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: score a predictions file, or compare run directories."""
+    parser = argparse.ArgumentParser(prog="python -m hilt_scale.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("predictions", nargs="?", type=Path, help="JSONL with key, reference, generated")
+    parser.add_argument("--out", type=Path, help="write the scores as JSON here (atomically)")
+    parser.add_argument("--bootstrap", type=int, default=0, help="resamples for 95 %% CIs (e.g. 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--compare", nargs="+", type=Path, metavar="RUNDIR", help="print the benchmark table")
+    args = parser.parse_args(argv)
+    if (args.predictions is None) == (args.compare is None):
+        parser.error("give either PRED.jsonl or --compare RUNDIR...")
+    try:
+        if args.compare:
+            print(compare_table(args.compare))
+            return
+        scores = evaluate_records(read_predictions(args.predictions), args.bootstrap, args.seed)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    print(format_report(scores))
+    if args.out is not None:
+        write_json_atomic(args.out, scores)
+    print(json.dumps({k: v for k, v in scores.items() if k != "ce_per_class"}))
+
+
+if __name__ == "__main__":
+    main()
