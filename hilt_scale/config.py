@@ -87,6 +87,8 @@ class LLMConfig:
     )
     # Extra LLM modules trained in full (peft modules_to_save), e.g. lm_head of a random-init LLM.
     train_modules: tuple[str, ...] = ()
+    # Activation checkpointing inside the LLM (trades compute for memory on long sequences).
+    grad_checkpointing: bool = False
     # "auto" = flash_attention_2 when installed and on CUDA, else sdpa.
     attn_implementation: str = "auto"
     seed: int = 0

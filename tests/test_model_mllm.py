@@ -10,8 +10,10 @@ from hilt_scale.mllm import (
     ReportCollator,
     build_model,
     build_tokenizer,
+    load_export,
     load_vision,
     prompt_token_parts,
+    save_export,
     save_vision,
     to_unit_range,
 )
@@ -103,7 +105,7 @@ def test_splice_puts_visual_tokens_at_the_placeholder(tokenizer):
     torch.testing.assert_close(embeds[:, at + 8], after)
 
 
-def test_overfit_one_batch_gradients_and_generation(tokenizer):
+def test_overfit_one_batch_gradients_generation_and_export(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = build_model(micro_cfg(**{"llm.train_modules": "lm_head"}), tokenizer)
     batch = model.collator()(loader_batch(2))
@@ -132,6 +134,14 @@ def test_overfit_one_batch_gradients_and_generation(tokenizer):
     assert greedy == beam
     assert greedy == REPORTS[:2]
     assert model.training  # generate restores the mode
+    # The export rebuilds the same model: random-init base, LoRA + lm_head adapter, ViT + connector.
+    save_export(model, tmp_path / "export")
+    again = load_export(tmp_path / "export")
+    assert again.generate(batch["hr"], max_new_tokens=40) == greedy
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), model(batch))
 
 
 def test_vision_weights_round_trip(tokenizer, tmp_path):
@@ -175,3 +185,21 @@ def test_qlora_builds_and_trains_one_step(tokenizer):
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, lora_b.detach())
+
+
+def test_llm_checkpointing_keeps_the_loss(tokenizer):
+    batch = ReportCollator(tokenizer, micro_cfg().prompt, 128, visual_tokens=8)(loader_batch(2))
+    losses = []
+    for ckpt in ("false", "true"):
+        torch.manual_seed(0)
+        model = build_model(micro_cfg(**{"llm.grad_checkpointing": ckpt}), tokenizer)
+        loss = model(batch)
+        loss.backward()
+        losses.append((loss.item(), model.vision.pos_embed.grad.clone()))
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-6)
+    torch.testing.assert_close(losses[0][1], losses[1][1])
+
+
+def test_load_export_names_a_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_export(tmp_path)
