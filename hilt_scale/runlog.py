@@ -1,0 +1,237 @@
+"""What a training run tells its user: progress bar, metrics.jsonl, TensorBoard, curves PNG, tables.
+
+Only rank 0 creates a ``RunLog`` with ``enabled=True``; the other ranks get a silent one, so the
+training loop calls the same methods everywhere and never checks the rank itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+METRIC_COLUMNS = (
+    "bleu1",
+    "bleu2",
+    "bleu3",
+    "bleu4",
+    "meteor",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "cider",
+    "average",
+    "ce_micro_f1",
+    "ce_macro_f1",
+)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temp file + os.replace, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines to ``path`` atomically (temp file + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file; a malformed line raises ValueError naming the file and line."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+class RunLog:
+    """Per-step and per-eval logging for one run directory; a no-op when ``enabled`` is False."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0):
+        self.out = Path(out_dir)
+        self.enabled = enabled
+        self.console = Console(quiet=not enabled, stderr=False)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.progress: Progress | None = None
+        self.task = None
+        self.tb = None
+        self._t0 = time.perf_counter()
+        if not enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        # On resume, drop rows logged after the checkpoint we restart from: they will be redone.
+        if self.metrics_path.exists():
+            kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= start_step]
+            write_jsonl_atomic(self.metrics_path, kept if start_step else [])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step or None)
+        except ImportError:
+            self.tb = None
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[sps]:.2f} samples/s"
+            ),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "train", total=total_steps, completed=start_step, loss=float("nan"), lr=0.0, sps=0.0
+        )
+
+    def __enter__(self) -> RunLog:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def print(self, *args: Any) -> None:
+        """Print through the progress-aware console (rank 0 only)."""
+        if self.enabled:
+            self.console.print(*args)
+
+    def _append(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def step(self, step: int, loss: float, lr: float, samples_per_s: float, epoch: int) -> None:
+        """Record one optimizer step: metrics.jsonl row, TensorBoard scalars, progress bar."""
+        if not self.enabled:
+            return
+        row = {
+            "kind": "train",
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+            "time_s": round(time.perf_counter() - self._t0, 3),
+        }
+        self._append(row)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            self.tb.add_scalar("train/samples_per_s", samples_per_s, step)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=loss, lr=lr, sps=samples_per_s)
+
+    def eval(self, step: int, scores: dict[str, Any]) -> None:
+        """Record one evaluation: numeric scores to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        flat = {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._append({"kind": "eval", "step": step, **flat})
+        if self.tb is not None:
+            for k, v in flat.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
+
+    def close(self) -> None:
+        """Stop the progress bar and flush TensorBoard."""
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
+    """Draw training loss and evaluation average / CE F1 against step into one PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    axes[0].set_yscale("log")
+    for key, label in (("average", "average of 9 metrics"), ("ce_micro_f1", "finding F1 (micro)")):
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", label=label)
+    axes[1].set(title="validation", xlabel="optimizer step", ylabel="score (0-100)")
+    axes[1].legend(loc="best")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def score_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
+    """A rich table, one row per metric and one column per system (e.g. model vs constant baseline)."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in rows:
+        table.add_column(name, justify="right")
+    names = {
+        "average": "average of the 9 (0-100)",
+        "ce_micro_f1": "finding F1 micro (CE, 0-1)",
+        "ce_macro_f1": "finding F1 macro (CE, 0-1)",
+    }
+    for key in METRIC_COLUMNS:
+        cells = []
+        for scores in rows.values():
+            value = scores.get(key)
+            cells.append("n/a" if not isinstance(value, (int, float)) else f"{value:.2f}")
+        table.add_row(names.get(key, key), *cells, end_section=key in ("cider", "average"))
+    return table
