@@ -150,3 +150,24 @@ def test_cli_jsonl_input_and_clear_errors(tmp_path: Path) -> None:
     no_col.write_text("id,findings\n1,x\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="no 'report_text' column"):
         labeler.main([str(no_col), "--out", str(out)])
+
+
+@pytest.mark.parametrize("field", ["Findings_EN", "Impressions_EN"])
+def test_phantom_reports_get_their_true_labels(tmp_path: Path, field: str) -> None:
+    phantom = pytest.importorskip(
+        "shards.phantom", reason="phantom generator (shards/phantom.py) not present"
+    )
+    phantom.generate_phantom(tmp_path, 60, size=(8, 16, 16), seed=7, prevalence=0.35)
+    checked = 0
+    for split in ("train", "valid"):
+        with (tmp_path / "radiology_text_reports" / f"{split}_reports.csv").open(encoding="utf-8") as f:
+            reports = {r["VolumeName"]: r[field] for r in csv.DictReader(f)}
+        with (tmp_path / "multi_abnormality_labels" / f"{split}_predicted_labels.csv").open(
+            encoding="utf-8"
+        ) as f:
+            for row in csv.DictReader(f):
+                got = labeler.label_report(reports[row["VolumeName"]])
+                want = {name: int(row[name]) for name in CLASSES}
+                assert got == want, reports[row["VolumeName"]]
+                checked += 1
+    assert checked == 60
