@@ -125,7 +125,7 @@ def load_canonical(rec: Record) -> tuple[np.ndarray, tuple[float, float, float]]
         raise DataError("bad_affine", rec.path, rec.key, f"affine has no orientation:\n{img.affine}")
     transform = orientations.ornt_transform(start, orientations.axcodes2ornt(CANONICAL_AXCODES))
     data = orientations.apply_orientation(data, transform)  # now (W, H, D) in canonical directions
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    zooms = _raw_zooms(img, rec)
     out_zooms = [0.0, 0.0, 0.0]
     for i, (axis, _flip) in enumerate(transform):
         out_zooms[int(axis)] = zooms[i]
@@ -133,6 +133,20 @@ def load_canonical(rec: Record) -> tuple[np.ndarray, tuple[float, float, float]]
     if not all(np.isfinite(s) and s > 0 for s in spacing):
         raise DataError("bad_spacing", rec.path, rec.key, f"spacing (z, y, x) = {spacing} mm must be > 0")
     return np.ascontiguousarray(data.transpose(2, 1, 0)), tuple(float(s) for s in spacing)
+
+
+def _raw_zooms(img, rec: Record) -> list[float]:
+    """Voxel sizes as stored: nibabel silently turns a zero pixdim into 1, which would hide a broken file."""
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    try:
+        with nib.openers.ImageOpener(str(rec.path)) as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        zooms = [float(z) for z in raw.get_zooms()[:3]]
+    except Exception:  # not a format with a raw header to reread: keep nibabel's view
+        pass
+    if not all(np.isfinite(z) and z > 0 for z in zooms):
+        raise DataError("bad_spacing", rec.path, rec.key, f"voxel size {zooms} mm must be > 0")
+    return zooms
 
 
 def preprocess(

@@ -141,11 +141,12 @@ def _lobe_point(rng: np.random.Generator, lung: dict, lobe: str, in_lung) -> tup
     return (cx, cy + np.mean(yr) * ry, cz + np.mean(zr) * rz)
 
 
-def _draw_findings(rng: np.random.Generator, grid: Grid, prevalence: float) -> list[dict]:
+def _draw_findings(rng: np.random.Generator, grid: Grid, prevalence: float, classes=None) -> list[dict]:
     """Pick this patient's findings (class + details); drawing happens in make_volume."""
     out: list[dict] = []
     for cls in PHANTOM_CLASSES:
-        if rng.random() >= prevalence:
+        drawn = rng.random() < prevalence
+        if not (drawn if classes is None else cls in classes):
             continue
         side = str(rng.choice(["right", "left"]))
         if cls == "Lung nodule":
@@ -179,11 +180,14 @@ def _draw_findings(rng: np.random.Generator, grid: Grid, prevalence: float) -> l
     return out
 
 
-def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: float = 0.3):
-    """Build one phantom: (HU int16 array in canonical (D,H,W) = (S->I, A->P, R->L), spacing, findings)."""
+def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: float = 0.3, classes=None):
+    """Build one phantom: (HU int16 array in canonical (D,H,W) = (S->I, A->P, R->L), spacing, findings).
+
+    `classes` (a set of class names) forces exactly those findings instead of drawing by prevalence.
+    """
     rng = np.random.default_rng([seed, index])
     grid = Grid(size)
-    findings = _draw_findings(rng, grid, prevalence)
+    findings = _draw_findings(rng, grid, prevalence, classes)
     has = {f["class"] for f in findings}
     s = float(rng.uniform(0.92, 1.08))  # patient build
     vol = np.full(size, -1000.0, dtype=np.float32)

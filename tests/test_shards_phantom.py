@@ -1,0 +1,195 @@
+"""Phantom generator: CT-RATE layout, determinism, findings consistent with volume and report."""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hilt_scale.abnormalities import CLASSES
+from shards.ingest import Record, load_canonical
+from shards.phantom import PHANTOM_CLASSES, Grid, generate_phantom, make_volume, volume_path
+
+SIZE = (32, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantom")
+    generate_phantom(out, n=12, size=SIZE, seed=3, prevalence=0.5)
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_layout_and_columns(phantom: Path) -> None:
+    for split in ("train", "valid"):
+        reports = _rows(phantom / "radiology_text_reports" / f"{split}_reports.csv")
+        meta = _rows(phantom / "metadata" / f"{split}_metadata.csv")
+        labels = _rows(phantom / "multi_abnormality_labels" / f"{split}_predicted_labels.csv")
+        assert reports and len(reports) == len(meta) == len(labels)
+        assert set(reports[0]) == {
+            "VolumeName",
+            "ClinicalInformation_EN",
+            "Technique_EN",
+            "Findings_EN",
+            "Impressions_EN",
+        }
+        assert {"VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing", "Findings"} <= set(
+            meta[0]
+        )
+        assert list(labels[0]) == ["VolumeName", *CLASSES]
+        for r in reports:
+            name = r["VolumeName"]
+            assert name.startswith(f"{split}_") and name.endswith("_a_1.nii.gz")
+            p = volume_path(phantom, name)
+            assert p.exists(), p
+            img = nib.load(p)
+            assert img.get_data_dtype() == np.int16 and img.shape == (SIZE[2], SIZE[1], SIZE[0])
+
+
+def test_deterministic_for_a_seed() -> None:
+    a, sa, fa = make_volume(SIZE, seed=5, index=2)
+    b, sb, fb = make_volume(SIZE, seed=5, index=2)
+    c, _, _ = make_volume(SIZE, seed=6, index=2)
+    assert np.array_equal(a, b) and sa == sb and fa == fb
+    assert not np.array_equal(a, c)
+
+
+def test_hu_values_are_realistic() -> None:
+    hu, _, _ = make_volume((32, 64, 64), seed=0, index=0, prevalence=0.0)
+    d, h, w = hu.shape
+    # Canonical (S->I, A->P, R->L): centre of the right lung is air-like, the spine is bone.
+    assert hu[d // 3, h // 2, w // 5 + 4] < -700
+    assert hu[:, int(h * (75 + 180) / 360), w // 2].mean() > 200
+    assert hu[0, 0, 0] < -900  # outside the body
+    assert 5 < np.std(hu[0:4, 0:4, 0:4]) < 25  # noise of about 12 HU
+
+
+def test_findings_match_volume_labels_and_report(phantom: Path) -> None:
+    meta = {
+        r["VolumeName"]: r
+        for s in ("train", "valid")
+        for r in _rows(phantom / "metadata" / f"{s}_metadata.csv")
+    }
+    labels = {
+        r["VolumeName"]: r
+        for s in ("train", "valid")
+        for r in _rows(phantom / "multi_abnormality_labels" / f"{s}_predicted_labels.csv")
+    }
+    reports = {
+        r["VolumeName"]: r
+        for s in ("train", "valid")
+        for r in _rows(phantom / "radiology_text_reports" / f"{s}_reports.csv")
+    }
+    seen = set()
+    for name, m in meta.items():
+        findings = json.loads(m["Findings"])
+        present = {f["class"] for f in findings}
+        seen |= present
+        for c in CLASSES:
+            assert int(labels[name][c]) == int(c in present), (name, c)
+        text = reports[name]["Findings_EN"]
+        hu, spacing = load_canonical(
+            Record(name, volume_path(phantom, name), "", "train", "ct-rate", 1.0, -1024.0)
+        )
+        grid = Grid(SIZE)
+        for f in findings:
+            if f["class"] == "Lung nodule":
+                x, y, z = f["center_mm"]
+                idx = (np.argmin(abs(grid.z - z)), np.argmin(abs(grid.y - y)), np.argmin(abs(grid.x - x)))
+                assert hu[idx] > -300, (name, f, hu[idx])  # solid nodule at its stated place
+                assert f["side"] == ("right" if x < 0 else "left")  # canonical W runs right -> left
+                assert f"{f['side']} lung" in text and f["lobe"] in text
+            if f["class"] == "Pleural effusion":
+                assert f"{f['size_mm']} mm" in text and f["side"] in text
+        if "Lung nodule" not in present:
+            assert "No nodul" in text
+        if "Pleural effusion" not in present:
+            assert "effusion was not" in text or "No pleural effusion" in text
+        if "Emphysema" in present:
+            assert "emphysematous" in text.lower()
+        if "Cardiomegaly" in present:
+            assert "cardiomegaly" in text.lower()
+    assert len(seen) >= 8, seen
+
+
+def test_effusion_side_and_cardiomegaly_visible() -> None:
+    """The stated side holds fluid at the lung's back; an enlarged heart fills more voxels."""
+    for i in range(40):
+        hu, _, findings = make_volume(SIZE, seed=1, index=i, prevalence=0.5)
+        eff = {f["side"] for f in findings if f["class"] == "Pleural effusion"}
+        if len(eff) == 1:
+            side = next(iter(eff))
+            d, h, w = hu.shape
+            fluid = (hu > -100) & (hu < 100)
+            right, left = (
+                fluid[d // 4 : 3 * d // 4, h // 2 :, : w // 3].sum(),
+                fluid[d // 4 : 3 * d // 4, h // 2 :, 2 * w // 3 :].sum(),
+            )
+            assert (right > left) == (side == "right"), (i, side, right, left)
+            break
+    else:
+        pytest.fail("no one-sided effusion drawn in 40 volumes")
+    # Heart-level slab in front of the spine (z 130-220 mm, y -80..20 mm, x -100..100 mm): an
+    # enlarged heart replaces lung there. Same seed and index, with and without cardiomegaly.
+    grid = Grid(SIZE)
+    zs, ys, xs = (
+        (a >= lo) & (a <= hi) for a, lo, hi in ((grid.z, 130, 220), (grid.y, -80, 20), (grid.x, -100, 100))
+    )
+
+    def soft(classes: set) -> int:
+        v = make_volume(SIZE, seed=2, index=0, classes=classes)[0][np.ix_(zs, ys, xs)]
+        return int(((v > 0) & (v < 100)).sum())
+
+    assert soft({"Cardiomegaly"}) > 1.3 * soft(set())
+
+
+def test_small_nodules_vanish_after_4x_downsampling() -> None:
+    size = (64, 128, 128)
+    checked = 0
+    for i in range(30):
+        hu, spacing, findings = make_volume(size, seed=7, index=i, prevalence=0.4)
+        grid = Grid(size)
+        for f in findings:
+            if f["class"] != "Lung nodule" or f["size_mm"] > 3 * spacing[2]:
+                continue
+            x, y, z = f["center_mm"]
+            iz, iy, ix = (int(np.argmin(abs(a - v))) for a, v in ((grid.z, z), (grid.y, y), (grid.x, x)))
+            win = np.clip(hu.astype(np.float32), -1000, 200)
+            hr_contrast = win[iz, iy, ix] - np.median(
+                win[max(0, iz - 4) : iz + 5, max(0, iy - 8) : iy + 9, max(0, ix - 8) : ix + 9]
+            )
+            # 4x average pool around the nodule: its contrast drops by most of the HR contrast.
+            z0, y0, x0 = (iz // 4) * 4, (iy // 4) * 4, (ix // 4) * 4
+            lr = win[z0 : z0 + 4, y0 : y0 + 4, x0 : x0 + 4].mean() - np.median(
+                win[max(0, z0 - 8) : z0 + 12, max(0, y0 - 8) : y0 + 12, max(0, x0 - 8) : x0 + 12]
+            )
+            assert hr_contrast > 600, (i, f, hr_contrast)
+            assert lr < 0.35 * hr_contrast, (i, f, lr, hr_contrast)
+            checked += 1
+    assert checked >= 2
+
+
+def test_reports_match_labeler_when_available(phantom: Path) -> None:
+    labeler = pytest.importorskip("hilt_scale.labeler", reason="hilt_scale.labeler not built yet")
+    rows = [
+        r for s in ("train", "valid") for r in _rows(phantom / "radiology_text_reports" / f"{s}_reports.csv")
+    ]
+    labels = {
+        r["VolumeName"]: r
+        for s in ("train", "valid")
+        for r in _rows(phantom / "multi_abnormality_labels" / f"{s}_predicted_labels.csv")
+    }
+    wrong = []
+    for r in rows:
+        got = labeler.label_report(r["Findings_EN"])
+        for c in PHANTOM_CLASSES:
+            if int(got.get(c, 0)) != int(labels[r["VolumeName"]][c]):
+                wrong.append((r["VolumeName"], c))
+    assert not wrong, wrong[:10]
