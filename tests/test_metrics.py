@@ -94,3 +94,19 @@ def test_missing_java_makes_meteor_unavailable(monkeypatch, tmp_path) -> None:
 def test_length_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
         metrics.compute_metrics(["a", "b"], ["a"])
+
+
+def test_local_evaluate_module_loads_offline_and_agrees(monkeypatch) -> None:
+    evaluate = pytest.importorskip("evaluate")
+    from hilt_scale.metric_modules import MODULE_PATH
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+    refs, hyps = (
+        ["pleural effusion is observed", "the heart is normal"],
+        ["no pleural effusion", "heart normal"],
+    )
+    got = evaluate.load(MODULE_PATH).compute(predictions=hyps, references=refs)
+    want = metrics.compute_metrics(refs, hyps)
+    for name in (*want["average_of"], "average"):
+        assert got[name] == pytest.approx(want[name], abs=1e-9)
