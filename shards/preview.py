@@ -59,6 +59,7 @@ def save_preview(
     os.close(fd)
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     return out
 
