@@ -38,6 +38,7 @@ _ARTERY = (
 _CALC = (
     r"(?:calcif\w*|atheroma\w*|atheromatous|atherosclero\w*|(?:calcific|atheromatous) plaque\w*|plaque\w*)"
 )
+_CORONARY = r"(?:coronar\w*|lad|circumflex|lcx|rca)\b"
 # A mention in a clause that also names a non-lung structure, or calls a density a scar, is not
 # a lung opacity.
 _NOT_LUNG = (
@@ -49,6 +50,7 @@ _SCAR = r"|sequel\w*|fibro\w*|pleuroparenchymal|linear|band|atelecta\w*|scar"
 PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
     "Medical material": (
         r"\bcatheter\w*",
+        r"\bpeg\b",
         r"\bport\b",
         r"\bstent\w*",
         r"\bpacemaker\w*",
@@ -90,15 +92,16 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
         r"\b(?:effusion|fluid)[^.;]*?\bpericardi\w*",
     ),
     "Coronary artery wall calcification": (
-        rf"\b{_CALC}\b[^.;]*?\bcoronar\w*",
-        rf"\bcoronar\w*[^.;]*?\b{_CALC}",
+        rf"\b{_CALC}\b[^.;]*?\b{_CORONARY}",
+        rf"\b{_CORONARY}[^.;]*?\b{_CALC}",
     ),
     "Hiatal hernia": (r"\bhiatal? hernia\w*", r"\bhiatus hernia\w*", r"\bhernia\w*[^.;]*?\bhiatus\b"),
     "Lymphadenopathy": (
         r"\blymphadenopath\w*",
         r"\blap\b",
-        r"\blymph nodes?\b",
-        r"\blymph nodules?\b",
+        # Intrapulmonary / subpleural / fissural "lymph nodes" are lung-nodule mimics, not nodes of
+        # the mediastinum, hila or axillae.
+        (r"\blymph nod(?:e|es|ules?)\b", r"\b(?:intrapulmonary|subpleural|perifissural|fissur\w*)\b"),
     ),
     "Emphysema": (r"\bemphysem\w*", r"\bbulla\w*", r"\bbullous\b"),
     "Atelectasis": (r"\batelecta\w*",),
@@ -128,10 +131,12 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
     ),
     "Mosaic attenuation pattern": (r"\bmosaic\w*", r"\bair[- ]trapping\b"),
     "Peribronchial thickening": (
-        r"\bperibronchial (?:\w+ )?thicken\w*",
+        r"\bperibronch\w* (?:\w+ ){0,2}(?:thicken\w*|thickness increase\w*|cuffing)",
+        r"\bthickening of (?:the )?peribronch\w*",
+        r"\bperibronch\w*[^.;]{0,30}?\bincrease\w*",
+        r"\bincrease\w* (?:in |of )?(?:the )?peribronch\w*",
         r"\bbronchial wall thicken\w*",
         r"\bthickening of (?:the )?bronchial walls?\b",
-        r"\bperibronchial\b",
     ),
     "Consolidation": (r"\bconsolidat\w*",),
     "Bronchiectasis": (r"\bbronchiecta\w*", r"\bbronchiolectas\w*"),
@@ -156,9 +161,11 @@ if set(PHRASES) != set(CLASSES):
 
 # Negation cues before a mention, in the same clause.
 _PRE_NEGATION = re.compile(
-    r"\b(?:no|not|without|neither|nor|absence of|free of|negative for|rule out|ruled out)\b"
+    r"\b(?:no|without|neither|nor|absence of|free of|negative for|rule out|ruled out)\b"
 )
 # Negating predicates after a mention, in the same clause.
+_NOT = re.compile(r"\b(?:not|no)\b")
+_SCOPE_END = re.compile(r"\b(?:is|are|was|were|has|have|had|there|observed|detected|seen|noted)\b")
 _NEG_VERB = (
     r"(?:observed|detected|seen|present|identified|found|visuali[sz]ed|noted|evident|monitored|distinguished)"
 )
@@ -184,8 +191,17 @@ def clauses(text: str) -> list[str]:
 
 
 def _negated(clause: str, start: int, end: int) -> bool:
-    """Whether the mention at clause[start:end] is negated inside its clause."""
-    return bool(_PRE_NEGATION.search(clause, 0, start) or _POST_NEGATION.search(clause, end))
+    """Whether the mention at clause[start:end] is negated inside its clause.
+
+    A cue before the mention negates it unless a verb or "there" stands between them ("no
+    effusion was detected, there are sutures": the cue's scope ends at "was"), as in NegEx.
+    """
+    if _NOT.search(clause, start, end):  # "heart size is not increased"
+        return True
+    cues = list(_PRE_NEGATION.finditer(clause, 0, start))
+    if cues and not _SCOPE_END.search(clause, cues[-1].end(), start):
+        return True
+    return bool(_POST_NEGATION.search(clause, end))
 
 
 def mentions(text: str) -> dict[str, list[tuple[str, bool]]]:

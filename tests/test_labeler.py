@@ -78,6 +78,11 @@ def test_each_class_is_found(text: str, expected: set[str]) -> None:
         "The nodule seen in the previous examination has disappeared.",
         "A nodule in the thyroid gland.",
         "Calcification is observed in the aortic valve.",
+        "No pleural effusion, pneumothorax, consolidation or atelectasis was detected.",
+        "There is no evidence of pleural effusion.",
+        "Pleural effusion: none.",
+        "Heart size is not increased.",
+        "Atelectasis cannot be excluded.",
     ],
 )
 def test_negated_or_off_target_mentions_are_not_findings(text: str) -> None:
@@ -87,6 +92,9 @@ def test_negated_or_off_target_mentions_are_not_findings(text: str) -> None:
 def test_negation_stays_inside_its_clause() -> None:
     text = "No pleural effusion was detected, but atelectasis is observed in the left lower lobe."
     assert _positives(text) == {"Atelectasis"}
+    # A negation cue's scope ends at a verb: the sutures are asserted.
+    text = "No wall thickening was observed at the anastomosis line, and there are metallic sutures."
+    assert _positives(text) == {"Medical material"}
     # "not observed in the previous examination" describes a new finding, not an absent one.
     assert _positives("A 5 mm nodule, not observed in the previous examination, is seen.") == {"Lung nodule"}
 
