@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import zstandard
 
 from shards.ingest import DataError, Record, load_canonical, preprocess
@@ -295,3 +296,51 @@ def test_parallel_writer_matches_serial(phantom: Path, tmp_path: Path) -> None:
     a = write_shards(phantom, tmp_path / "a", hr_size=HR, samples_per_shard=4, workers=1, progress=False)
     b = write_shards(phantom, tmp_path / "b", hr_size=HR, samples_per_shard=4, workers=2, progress=False)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]  # byte-identical tars
+
+
+def test_int16_shards_keep_clipped_hu(tmp_path: Path) -> None:
+    m = _manifest_source(tmp_path, "missing")
+    out = write_shards(m, tmp_path / "o", hr_size=(6, 6, 6), dtype="int16", on_error="skip", progress=False)
+    assert out["dtype"] == "int16"
+    batch = next(iter(ShardLoader(tmp_path / "o", "train", batch_size=3, shuffle=False)))
+    assert batch["hr"].dtype == torch.int16 and batch["key"] == ["g0", "g1", "g2"]
+    assert [int(v) for v in batch["hr"][:, 0, 0, 0, 0]] == [-500, -400, -300]  # stored HU, inside the window
+
+
+def test_bench_and_preview_commands(shard_dir: Path, tmp_path: Path, capsys) -> None:
+    from shards.bench import main as bench_main
+    from shards.preview import main as preview_main
+
+    bench_main([str(shard_dir), "--workers", "1", "--repeats", "1"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line)
+    assert result["samples"] == 10 and result["speedup_vs_nibabel"] > 0 and 0 < result["bytes_ratio_vs_nifti"]
+    png = tmp_path / "p.png"
+    preview_main([str(shard_dir), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_round_trip_phantom_write_verify(tmp_path: Path, capsys) -> None:
+    from shards import phantom, verify, write
+
+    phantom.main(["--out", str(tmp_path / "ph"), "--n", "5", "--size", "8,16,16", "--seed", "2"])
+    write.main(
+        [
+            "--ct-rate",
+            str(tmp_path / "ph"),
+            "--out",
+            str(tmp_path / "sh"),
+            "--hr-size",
+            "8,16,16",
+            "--no-progress",
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["splits"] == {"train": 4, "valid": 1}
+    with pytest.raises(SystemExit) as ok:
+        verify.main([str(tmp_path / "sh")])
+    assert ok.value.code == 0
+    (tmp_path / "sh" / "train-000000.tar").write_bytes(b"not a tar")
+    with pytest.raises(SystemExit) as bad:
+        verify.main([str(tmp_path / "sh")])
+    assert bad.value.code == 1 and "train-000000.tar" in capsys.readouterr().out
