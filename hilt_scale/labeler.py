@@ -175,9 +175,7 @@ _POST_NEGATION = re.compile(
     r"|absent|none|within normal limits|(?:was|were|is|are) (?:not )?excluded|disappeared"
     r"|(?:completely|totally) (?:regressed|resolved)|cannot be (?:excluded|ruled out)|ruled out)\b"
 )
-_CLAUSE_SPLIT = re.compile(
-    r";|:|, and\b|\bbut\b|\bhowever\b|\bwhereas\b|\balthough\b|\bapart from\b|\bother than\b"
-)
+_CLAUSE_SPLIT = re.compile(r";|\bbut\b|\bhowever\b|\bwhereas\b|\balthough\b|\bapart from\b|\bother than\b")
 # Sentence ends: a full stop, "?" or "!" followed by space, quote or bullet; newlines; bullets.
 _SENTENCE_SPLIT = re.compile(r"(?<!\d)\.(?!\d)|[?!]\s|\n|•|·|\"")
 
