@@ -16,16 +16,20 @@ timings measure the interpreter, not a kernel, and only show that the command wo
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +82,9 @@ def sdpa_hilt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return q + F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+TORCH_IMPLS = ("eager", "sdpa", "compile")
+
+
 def implementations(use_compile: bool) -> dict[str, Callable]:
     """Name -> callable(q, k, v) for every implementation measured."""
     from kernels.hilt_attention import hilt_attention
@@ -88,6 +95,33 @@ def implementations(use_compile: bool) -> dict[str, Callable]:
         impls["compile"] = torch.compile(hilt_attention_reference)
     impls["triton"] = hilt_attention
     return impls
+
+
+def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
+    """Extra Triton rows with other tile choices, to tune ``pick_config`` on a GPU (--sweep)."""
+    from kernels.hilt_attention import KernelConfig, hilt_attention, pick_config
+
+    base = pick_config(shape.queries, shape.keys, shape.width, dtype, interpret=False)
+    if base.block_dv > 128:  # wide single head
+        variants = {
+            "dv128": dict(block_dv=128),
+            "dk32": dict(block_dk=32),
+            "n32": dict(block_n=32),
+            "2/sm": dict(programs_per_sm=2),
+            "m16dv512w4": dict(block_m=16, block_dv=512, num_warps=4),
+        }
+    else:
+        variants = {
+            "n128": dict(block_n=128),
+            "w4": dict(num_warps=4),
+            "4/sm": dict(programs_per_sm=4),
+            "st2": dict(num_stages=2),
+        }
+    out = {}
+    for name, change in variants.items():
+        cfg = KernelConfig(**{**base.__dict__, **change})
+        out[f"triton[{name}]"] = lambda q, k, v, cfg=cfg: hilt_attention(q, k, v, config=cfg)
+    return out
 
 
 def time_ms(fn: Callable[[], object], grads: list[torch.Tensor], on_gpu: bool) -> list[float]:
@@ -181,24 +215,119 @@ def run_shape(
                 "max_rel_err_grad": grad_err,
             }
         )
-    torch_rows = [r for r in rows if r["impl"] != "triton"]
+    torch_rows = [r for r in rows if r["impl"] in TORCH_IMPLS]
     for r in rows:
-        if r["impl"] == "triton" and torch_rows:
+        if r["impl"].startswith("triton") and torch_rows:
             r["speedup_fwd"] = min(t["fwd_ms"][1] for t in torch_rows) / r["fwd_ms"][1]
             r["speedup_fwd_bwd"] = min(t["fwd_bwd_ms"][1] for t in torch_rows) / r["fwd_bwd_ms"][1]
     return rows
 
 
+# ---- compile-only: ahead-of-time compile for a GPU target on any machine -------------------
+
+
+def capture_launches(shape: Shape, dtype: torch.dtype) -> list[tuple[Callable, tuple, dict]]:
+    """Run the host launchers on small CPU tensors with the GPU tile choice, recording each launch."""
+    ka = importlib.import_module("kernels.hilt_attention")
+    calls = []
+
+    def record(fn, grid, *args, **kwargs):
+        calls.append((fn, args, kwargs))
+
+    q = torch.zeros((1, max(shape.heads, 1), shape.queries, shape.width), dtype=dtype)
+    k = torch.zeros((1, max(shape.heads, 1), 64, shape.width), dtype=dtype)
+    v = k if shape.kv_same else torch.zeros_like(k)
+    stats = torch.zeros(q.shape[:-1])
+    with mock.patch.object(ka, "_launch", record), mock.patch.object(ka, "_interpreting", lambda: False):
+        ka._forward(q, k, v, 1.0)
+        ka._backward_p_ds(q, k, v, q, stats, stats, 1.0)
+    return calls
+
+
+def compile_launch(fn: Callable, args: tuple, kwargs: dict, arch: int):
+    """Compile one recorded launch for ``cuda:<arch>`` without a GPU; returns the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):  # a real JITFunction, whatever the mode
+        jit_fn = triton.jit(fn)
+    kwargs = dict(kwargs)
+    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 2)}
+    values = dict(zip(jit_fn.arg_names, args)) | kwargs
+    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    signature, constexprs = {}, {}
+    for param in jit_fn.params:
+        val = values[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", val
+        elif isinstance(val, torch.Tensor):
+            signature[param.name] = "*" + dtypes[val.dtype]
+        else:
+            signature[param.name] = "fp32" if isinstance(val, float) else "i32"
+    return triton.compile(
+        ASTSource(jit_fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options
+    )
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and shared memory from ``ptxas -v`` (the newest ptxas triton ships)."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        exe = os.path.join(bin_dir, name)
+        if not os.path.exists(exe):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            run = subprocess.run(
+                [exe, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.o")],
+                capture_output=True,
+                text=True,
+            )
+        regs = re.search(r"Used (\d+) registers", run.stderr)
+        spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+        if run.returncode == 0 and regs and spills:
+            return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1))}
+    return {"registers": None, "spill_bytes": None}
+
+
+def print_compile_report(arch: int) -> dict:
+    """Compile every kernel as the launchers would call it for the issue's shapes; print ptxas use."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for shape in (Shape(1, 0, 64, 4096, 768, True), Shape(1, 0, 64, 4096, 768, False),
+                      Shape(1, 12, 64, 4096, 64, True), Shape(1, 12, 64, 4096, 64, False)):  # fmt: skip
+            for fn, args, kwargs in capture_launches(shape, dtype):
+                kernel = compile_launch(fn, args, kwargs, arch)
+                usage = ptxas_usage(kernel.asm["ptx"], arch)
+                blocks = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_"))}
+                rows.append({"kernel": fn.__name__, "case": shape.label(), "dtype": str(dtype)[6:],
+                             "shared_bytes": kernel.metadata.shared, **usage, **blocks})  # fmt: skip
+    for r in rows:
+        tiles = " ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("BLOCK", "num_")))
+        print(f"{r['kernel']:<20} {r['case']:<28} {r['dtype']:<9} regs={r['registers']} "
+              f"spill={r['spill_bytes']}B smem={r['shared_bytes']} {tiles}")  # fmt: skip
+    import triton
+
+    payload = {"arch": arch, "triton": triton.__version__, "rows": rows}
+    print(json.dumps(payload))
+    return payload
+
+
 def print_table(rows: list[dict]) -> None:
     """Human-readable table: one line per (shape, implementation)."""
-    head = f"{'shape':<32} {'impl':<8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd %roof':>9} {'f+b %roof':>9} "
+    head = f"{'shape':<32} {'impl':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd %roof':>9} {'f+b %roof':>9} "
     head += f"{'err':>8} {'grad err':>8} {'speedup':>11}"
     print(head)
     print("-" * len(head))
     for r in rows:
         speed = f"{r['speedup_fwd']:.2f}/{r['speedup_fwd_bwd']:.2f}" if "speedup_fwd" in r else ""
         print(
-            f"{r['shape']:<32} {r['impl']:<8} {r['fwd_ms'][1]:>9.4f} {r['fwd_bwd_ms'][1]:>11.4f} "
+            f"{r['shape']:<32} {r['impl']:<20} {r['fwd_ms'][1]:>9.4f} {r['fwd_bwd_ms'][1]:>11.4f} "
             f"{r['fwd_roofline_pct']:>9.1f} {r['fwd_bwd_roofline_pct']:>9.1f} "
             f"{r['max_rel_err']:>8.1e} {r['max_rel_err_grad']:>8.1e} {speed:>11}"
         )
@@ -222,9 +351,18 @@ def main(argv: list[str] | None = None) -> dict:
         "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 (GPU) / fp32 (CPU)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (default: off on CPU)")
+    parser.add_argument("--sweep", action="store_true", help="GPU: also time other Triton tile configs")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU needed: compile the kernels for --arch, print ptxas use",
+    )
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
     parser.add_argument("--out", default="kernel_bench.json", help="JSON results file")
     args = parser.parse_args(argv)
 
+    if args.compile_only:
+        return print_compile_report(args.arch)
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # the kernels read it at launch
@@ -249,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = gpu_shapes(args.quick) if on_gpu else cpu_shapes(args.quick)
     rows = []
     for shape in shapes:
-        rows.extend(run_shape(shape, impls, dtype, device, bw))
+        extra = sweep_configs(shape, dtype) if args.sweep and on_gpu else {}
+        rows.extend(run_shape(shape, {**impls, **extra}, dtype, device, bw))
         if on_gpu:
             torch.cuda.empty_cache()
     print(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__} | dtype {dtype} "

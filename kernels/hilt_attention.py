@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+COMBINE_BLOCK_M = 16
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -316,8 +317,9 @@ class KernelConfig:
     block_n: int
     block_dk: int
     block_dv: int
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
+    programs_per_sm: int = 2  # forward programs resident per SM, for sizing the key split
     num_splits: int | None = None
 
 
@@ -326,25 +328,38 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (max(int(x), 1) - 1).bit_length())
 
 
-def pick_config(m: int, n: int, d: int, interpret: bool | None = None) -> KernelConfig:
-    """Tile sizes for M queries, N keys, head width d; small tiles on GPU, few programs on CPU."""
+def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None) -> KernelConfig:
+    """Tile sizes for M queries, N keys, head width d.
+
+    GPU choices were checked by compiling for sm_90 (ptxas -v, see kernels/README.md): none of
+    them spills registers; they are still to be tuned on a GPU with ``kernels.bench --sweep``.
+    """
     interpret = _interpreting() if interpret is None else interpret
     d_pad = _pow2(d)
     block_m = min(64, _pow2(m))
     if interpret:  # ~1 ms per program instance: few, large programs
         return KernelConfig(block_m, block_n=64, block_dk=min(d_pad, 256), block_dv=min(d_pad, 256))
-    if d_pad <= 128:  # multi-head: the whole head in one tile, K read once when K is V
-        return KernelConfig(block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_warps=4, num_stages=3)
-    # wide single head (C = 768): chunk C by 64 in q k^T, 256-wide output column blocks for p v
-    return KernelConfig(block_m, block_n=64, block_dk=64, block_dv=256, num_warps=8, num_stages=2)
+    wide = d_pad > 128
+    if dtype == torch.float32:  # 4-byte tiles: halve them to stay in registers
+        if wide:
+            return KernelConfig(block_m, block_n=32, block_dk=32, block_dv=128, programs_per_sm=1)
+        return KernelConfig(block_m, block_n=32, block_dk=d_pad, block_dv=d_pad)
+    if wide:  # single head C=768: C chunks of 64 in q k^T, 256-wide output blocks (3 for C=768)
+        return KernelConfig(block_m, block_n=64, block_dk=64, block_dv=256, programs_per_sm=1)
+    # multi-head: the whole head in one tile, so K is read once when K is V
+    return KernelConfig(block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_stages=3)
 
 
 def _num_splits(cfg: KernelConfig, n: int, programs_per_split: int, device: torch.device) -> int:
-    """Key splits so that the forward grid fills the GPU about twice; capped by key blocks."""
+    """Key splits so that the forward grid fills the GPU about once; capped by key blocks.
+
+    More splits would add parallelism but also partial (m, l, acc) traffic: at C=768, 22 splits
+    of fp32 partials are ~9% of the bytes of K itself.
+    """
     if cfg.num_splits is not None:
         return max(1, min(cfg.num_splits, triton.cdiv(n, cfg.block_n)))
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = cfg.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4
     return max(1, min(triton.cdiv(n, cfg.block_n), triton.cdiv(target, programs_per_split)))
@@ -381,7 +396,7 @@ def _forward(
     """Run split + combine; return (q + O, O in fp32, LSE in base 2) for [B, H, M, D] inputs."""
     bsz, heads, m, d = q.shape
     n = k.shape[2]
-    cfg = cfg or pick_config(m, n, d)
+    cfg = cfg or pick_config(m, n, d, q.dtype)
     bh = bsz * heads
     n_m = triton.cdiv(m, cfg.block_m)
     n_dv = triton.cdiv(d, cfg.block_dv)
@@ -408,14 +423,14 @@ def _forward(
     out = _empty((bsz, heads, m, d), q.dtype, q.device)
     o_attn = _empty((bsz, heads, m, d), torch.float32, q.device)
     lse = _empty((bsz, heads, m), torch.float32, q.device)
-    block_d = min(_pow2(d), 128)
+    block_d = min(_pow2(d), 64)  # small combine tiles: enough programs to stream the partials
     _launch(
         _fwd_combine_kernel,
-        (n_m * triton.cdiv(d, block_d), bh),
+        (triton.cdiv(m, COMBINE_BLOCK_M) * triton.cdiv(d, block_d), bh),
         q, acc, mx, lx, out, o_attn, lse,
         splits, m, d, heads,
         *q.stride(), *out.stride(),
-        BLOCK_M=cfg.block_m, BLOCK_D=block_d, num_warps=4,
+        BLOCK_M=COMBINE_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return out, o_attn, lse
 
@@ -433,7 +448,7 @@ def _backward_p_ds(
     """Return [B, H, 2M, N]: P in rows [0, M), dS * scale in rows [M, 2M), in q's dtype."""
     bsz, heads, m, d = q.shape
     n = k.shape[2]
-    cfg = cfg or pick_config(m, n, d)
+    cfg = cfg or pick_config(m, n, d, q.dtype)
     pds = _empty((bsz, heads, 2 * m, n), q.dtype, q.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), bsz * heads)
     _launch(
@@ -443,7 +458,7 @@ def _backward_p_ds(
         scale * LOG2E, scale, m, n, d, heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         SAME_KV=_same_data(k, v),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=min(cfg.block_dk, 64 if d > 128 else cfg.block_dk),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=min(cfg.block_dk, 64),
         PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return pds
