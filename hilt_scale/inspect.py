@@ -52,6 +52,18 @@ def _count(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
+def _frozen_weight_bytes(llm: torch.nn.Module, cfg: ModelConfig) -> float:
+    """Bytes of the frozen LLM weights: nf4 packs Linear weights (not lm_head) at half a byte each."""
+    nbytes = float(_BYTES[cfg.llm.dtype])
+    quantized = 0
+    if cfg.llm.quantization == "nf4":
+        for name, module in llm.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name and "lora_" not in name:
+                quantized += module.weight.numel()
+    frozen = sum(p.numel() for p in llm.parameters() if not p.requires_grad)
+    return (frozen - quantized) * nbytes + quantized * 0.5
+
+
 def inspect_model(cfg: ModelConfig, with_llm: bool = True) -> dict[str, Any]:
     """Token counts and parameter counts of ``cfg`` without allocating any weights."""
     res = cfg.resolution
@@ -83,12 +95,11 @@ def inspect_model(cfg: ModelConfig, with_llm: bool = True) -> dict[str, Any]:
         llm = _meta_llm(cfg)
         llm_total = _count(llm)
         llm_trainable = _count(llm, trainable_only=True)
-        bits = 0.5 if cfg.llm.quantization == "nf4" else _BYTES[cfg.llm.dtype]
         out.update(
             llm=cfg.llm.name,
             llm_params=llm_total - llm_trainable,
-            lora_params=llm_trainable,
-            llm_weight_gib=round((llm_total - llm_trainable) * bits / 2**30, 2),
+            llm_trainable_params=llm_trainable,
+            llm_weight_gib=round(_frozen_weight_bytes(llm, cfg) / 2**30, 2),
             trainable_params=vision_params + llm_trainable,
             total_params=vision_params + llm_total,
         )

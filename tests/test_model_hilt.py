@@ -122,3 +122,14 @@ def test_other_ablations_token_counts():
     assert _visual_tokens("pooled", (256, 512, 512), pool_grid=(2, 4, 4))[0] == 32
     # 2D: LR 64 slices as channels, 32x32 patches over 128x128 -> 16 tokens.
     assert _visual_tokens("2d", (256, 512, 512))[0] == 16
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_implementations_agree_with_the_kernel_reference(impl):
+    from kernels.reference import hilt_attention_reference
+
+    torch.manual_seed(2)
+    q, kv = torch.randn(2, 6, 32), torch.randn(2, 50, 32)
+    for scale in (1.0, 32**-0.5):
+        want = hilt_attention_reference(q, kv, kv, scale=scale)
+        torch.testing.assert_close(hilt_attention(q, kv, scale, impl), want, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,9 @@ def test_lora_and_trainable_counts(capsys):
     info = run(capsys, "--vision", "vit-micro", "--resolution", "cpu-micro", "--llm", "llm-micro")
     # llm-micro: hidden 64, MLP 128, 2 layers, LoRA r=8 on q,k,v,o (64->64), gate/up (64->128), down (128->64).
     per_layer = 8 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
-    assert info["lora_params"] == 2 * per_layer
-    assert info["trainable_params"] == info["vision_params"] + info["connector_params"] + info["lora_params"]
+    assert info["llm_trainable_params"] == 2 * per_layer
+    assert (
+        info["trainable_params"]
+        == info["vision_params"] + info["connector_params"] + info["llm_trainable_params"]
+    )
     assert info["total_params"] == info["trainable_params"] + info["llm_params"]

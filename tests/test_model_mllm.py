@@ -203,3 +203,14 @@ def test_llm_checkpointing_keeps_the_loss(tokenizer):
 def test_load_export_names_a_missing_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_export(tmp_path)
+
+
+def test_random_init_llm_is_reproducible_from_its_seed(tokenizer):
+    # An export without the base weights rebuilds llm-tiny/micro from llm.seed: it must not depend
+    # on the global RNG state at build time.
+    torch.manual_seed(123)
+    a = build_model(micro_cfg(), tokenizer).llm.get_base_model().model.embed_tokens.weight
+    torch.manual_seed(456)
+    b = build_model(micro_cfg(), tokenizer).llm.get_base_model().model.embed_tokens.weight
+    c = build_model(micro_cfg(**{"llm.seed": "1"}), tokenizer).llm.get_base_model().model.embed_tokens.weight
+    assert torch.equal(a, b) and not torch.equal(a, c)
