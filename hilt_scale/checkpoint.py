@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 
 POINTER = "LATEST"
+# Tests set this to a step number: the process SIGKILLs itself inside that step's save, after
+# DeepSpeed wrote the new tag and before the pointer moved (the worst moment for a crash).
+KILL_IN_SAVE_ENV = "HILT_SCALE_KILL_IN_SAVE"
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,6 +101,8 @@ def save(
     tmp = target.with_suffix(".pt.tmp")
     torch.save(trainer_state, tmp)
     os.replace(tmp, target)
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # fault injection for the resume test
+        os.kill(os.getpid(), signal.SIGKILL)
     _barrier()
     if _rank() == 0:
         fd, tmp_name = tempfile.mkstemp(dir=ckpt_dir, prefix=".LATEST.")
@@ -132,33 +138,22 @@ def load(engine: Any, ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str, A
 
 
 def export(engine: Any, out_dir: str | Path, files: dict[str, Any]) -> None:
-    """Write the DeepSpeed-free export: peft adapter, vision.safetensors, tokenizer, JSON files.
+    """Write the DeepSpeed-free export (``mllm.save_export``) plus the JSON ``files`` given.
 
-    All ranks must call this (ZeRO-3 gathers the trainable weights); rank 0 writes into a temp
-    directory that replaces ``out_dir`` in one rename. ``files`` maps file names to JSON objects.
+    All ranks must call this: under ZeRO-3 the weights are gathered first (all of them when the
+    LLM base is a random init that exists nowhere else, else only the trainable ones).
     """
-    from hilt_scale.mllm import save_vision
+    from hilt_scale.mllm import save_export
     from hilt_scale.runlog import write_json_atomic
 
     model = engine.module
-    params = [p for p in model.parameters() if p.requires_grad]
-    gather = _gathered(engine, params)
-    with gather:
+    whole = model.cfg.llm.path is None
+    params = [p for p in model.parameters() if whole or p.requires_grad]
+    with _gathered(engine, params):
         if _rank() == 0:
-            out_dir = Path(out_dir)
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-            tmp.chmod(0o755)  # mkdtemp makes 0700 directories
-            model.llm.save_pretrained(str(tmp / "adapter"))
-            save_vision(model, tmp / "vision.safetensors")
-            model.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            save_export(model, out_dir)
             for name, obj in files.items():
-                write_json_atomic(tmp / name, obj)
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if out_dir.exists():
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+                write_json_atomic(Path(out_dir) / name, obj)
     _barrier()
 
 

@@ -72,7 +72,9 @@ class TrainConfig:
     max_new_tokens: int = 160
     num_beams: int = 1
     keep_checkpoints: int = 2
+    eval: bool = True  # --no-eval: skip evaluation (and the baseline) entirely
     export: bool = True
+    trace_keys: bool = False  # write keys.rank{r}.json: the sample keys each rank trained on, in order
     # Embedded default: phantom size.
     phantom_n: int = 240
     phantom_size: str = ""  # D,H,W; empty = the resolution preset's HR size
@@ -142,7 +144,7 @@ def setup_distributed() -> tuple[int, int, int]:
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-    else:
+    elif "OMP_NUM_THREADS" not in os.environ:
         # Share the cores between the ranks of this node instead of oversubscribing them.
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_node)))
@@ -231,6 +233,8 @@ def model_overrides(cfg: TrainConfig) -> list[str]:
         raise ValueError(f"--grad-ckpt: unknown part(s) {sorted(unknown)}; expected vit and/or llm")
     if "vit" in parts:
         out.append("vision.grad_checkpointing=true")
+    if "llm" in parts:
+        out.append("llm.grad_checkpointing=true")
     return out + list(cfg.set)
 
 
@@ -244,9 +248,6 @@ def build_run_model(cfg: TrainConfig, tokenizer_dir: str | None) -> Any:
         mcfg = apply_overrides(mcfg, {"llm.tokenizer_path": tokenizer_dir})
     torch.manual_seed(cfg.seed)  # ViT + connector init
     model = build_model(mcfg)
-    if "llm" in {p.strip() for p in cfg.grad_ckpt.split(",")}:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.llm.enable_input_require_grads()
     return model
 
 
@@ -344,9 +345,10 @@ def prepare_data(cfg: TrainConfig, rank: int, local_rank: int) -> tuple[str, str
 class Batches:
     """Endless micro-batches over epochs; the loader itself keeps the exact (epoch, position)."""
 
-    def __init__(self, loader: Any):
+    def __init__(self, loader: Any, trace: bool = False):
         self.loader = loader
         self.it = iter(loader)
+        self.seen: list[str] | None = [] if trace else None
 
     @property
     def epoch(self) -> int:
@@ -354,10 +356,13 @@ class Batches:
 
     def next(self) -> dict:
         try:
-            return next(self.it)
+            batch = next(self.it)
         except StopIteration:  # the loader moved itself to the next epoch
             self.it = iter(self.loader)
-            return next(self.it)
+            batch = next(self.it)
+        if self.seen is not None:
+            self.seen += batch["key"]
+        return batch
 
 
 def train_step(engine: Any, batches: Batches, accum: int) -> float:
@@ -420,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
-    step, batches = 0, Batches(loader)
+    step, batches = 0, Batches(loader, cfg.trace_keys)
     ckpt_dir = out / "checkpoints"
     loaded = checkpoint.load(engine, ckpt_dir) if cfg.resume else None
     if loaded is not None:
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise ValueError(f"{ckpt_dir}: cannot resume with changed {changed or ['world size']}")
         step = client["step"]
         loader.load_state_dict(trainer["loader"])
-        batches = Batches(loader)
+        batches = Batches(loader, cfg.trace_keys)
         checkpoint.set_rng_state(trainer["rng"])
 
     def save() -> None:
@@ -461,22 +466,21 @@ def main(argv: list[str] | None = None) -> dict | None:
             log.step(step, loss, lr, cfg.total_batch / (time.perf_counter() - t0), batches.epoch)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 scores = evaluate(engine, cfg, eval_path, step, rank, world)
                 log.eval(step, scores or {})
         save()
-    scores = evaluate(engine, cfg, eval_path, step, rank, world)
+    if batches.seen is not None:
+        write_json_atomic(out / f"keys.rank{rank}.json", batches.seen)
+    scores = evaluate(engine, cfg, eval_path, step, rank, world) if cfg.eval else None
     if cfg.export:
-        from hilt_scale.config import to_dict
-
-        checkpoint.export(
-            engine, out / "export",
-            {"config.json": to_dict(model.cfg), "train_config.json": dataclasses.asdict(cfg)},
-        )  # fmt: skip
+        checkpoint.export(engine, out / "export", {"train_config.json": dataclasses.asdict(cfg)})
     if rank != 0:
         return None
-    log.eval(step, scores)
-    baseline = baseline_scores(data_path, eval_path, cfg)
+    baseline = None
+    if scores is not None:
+        log.eval(step, scores)
+        baseline = baseline_scores(data_path, cfg)
     plot_curves(out / "metrics.jsonl", out / "curves.png")
     summary = {
         "steps": step,
@@ -489,14 +493,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         "eval_split": cfg.eval_split,
     }
     write_json_atomic(out / "summary.json", summary)
-    log.console.print(
-        score_table({"model": scores, "constant report": baseline}, f"{cfg.eval_split} split, step {step}")
-    )
+    if scores is not None:
+        title = f"{Path(eval_path).name}:{cfg.eval_split}, {scores['n']} volumes, step {step}"
+        log.console.print(score_table({"model": scores, "constant report": baseline}, title))
     log.console.print(f"run directory: {out}  (wall time {summary['wall_s']:.0f} s)")
     return summary
 
 
-def baseline_scores(data_path: str, eval_path: str, cfg: TrainConfig) -> dict:
+def baseline_scores(data_path: str, cfg: TrainConfig) -> dict:
     """Scores of always answering the most frequent training report, on the same eval records."""
     from hilt_scale.defaults import split_reports
     from hilt_scale.evaluate import evaluate_records

@@ -1,0 +1,111 @@
+"""Trainer pieces that need no process group: CLI, DeepSpeed config filling, checkpoints, logs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hilt_scale import checkpoint
+from hilt_scale.runlog import read_jsonl, write_jsonl_atomic
+from hilt_scale.train import (
+    PHANTOM_DEFAULTS,
+    TrainConfig,
+    constant_report,
+    fill_ds_config,
+    grad_accum,
+    parse_args,
+)
+
+ROOT = Path(__file__).parents[1]
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+
+
+def test_cli_flags_override_phantom_defaults_and_accept_local_rank():
+    cfg = parse_args(["--lr", "3e-4", "--set", "llm.lora_r=4", "--set", "vision.depth=1", "--local_rank=1"])
+    assert cfg.lr == 3e-4
+    assert cfg.epochs == PHANTOM_DEFAULTS["epochs"]  # no --data: phantom defaults apply
+    assert cfg.set == ["llm.lora_r=4", "vision.depth=1"]
+    assert cfg.local_rank == 1
+    real = parse_args(["--data", "/some/shards", "--no-eval"])
+    assert real.lr == TrainConfig().lr == 1e-4 and real.total_batch == 4 and real.micro_batch == 2
+    assert real.eval is False
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
+def test_every_auto_in_the_shipped_configs_is_filled(path):
+    from hilt_scale.train import ds_values
+
+    cfg = fill_ds_config(path, ds_values(TrainConfig(), world=2, total_steps=100))
+    text = json.dumps(cfg)
+    assert '"auto"' not in text
+    assert cfg["train_micro_batch_size_per_gpu"] == 2
+    assert cfg["gradient_accumulation_steps"] == 1  # total 4 = 2 micro x 2 ranks
+    assert cfg["scheduler"]["params"]["warmup_num_steps"] == 3  # ratio 0.03 of 100
+    assert cfg["bf16"]["enabled"] is torch.cuda.is_available()
+
+
+def test_fill_ds_config_names_file_and_key_of_an_unknown_auto(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2, "mystery": "auto"}}))
+    with pytest.raises(KeyError, match=r"ds\.json.*zero_optimization\.mystery"):
+        fill_ds_config(bad, {})
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="ds.json"):
+        fill_ds_config(bad, {})
+
+
+def test_grad_accum_keeps_the_total_batch():
+    assert grad_accum(TrainConfig(micro_batch=2, total_batch=4), world=1) == 2
+    assert grad_accum(TrainConfig(micro_batch=2, total_batch=8), world=2) == 2
+    with pytest.raises(ValueError, match="total-batch"):
+        grad_accum(TrainConfig(micro_batch=2, total_batch=6), world=2)
+
+
+def test_constant_report_is_the_most_frequent():
+    assert constant_report(["a", "b", "b", "c"]) == "b"
+    assert constant_report(["x", "y"]) == "x"  # ties: first seen
+    with pytest.raises(ValueError):
+        constant_report([])
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    state = checkpoint.rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    torch.save(state, tmp_path / "rng.pt")
+    random.random(), np.random.rand(), torch.rand(())  # move all generators on
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_latest_tag_reports_a_pointer_to_a_missing_checkpoint(tmp_path):
+    assert checkpoint.latest_tag(tmp_path) is None
+    (tmp_path / checkpoint.POINTER).write_text("step00000004\n")
+    with pytest.raises(FileNotFoundError, match="step00000004"):
+        checkpoint.latest_tag(tmp_path)
+    (tmp_path / "step00000004").mkdir()
+    assert checkpoint.latest_tag(tmp_path) == "step00000004"
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    write_jsonl_atomic(path, [{"step": 1}])
+    with open(path, "a") as f:
+        f.write("{broken\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl:2"):
+        read_jsonl(path)
+
+
+def test_runlog_truncates_rows_after_the_resume_step(tmp_path):
+    from hilt_scale.runlog import RunLog
+
+    write_jsonl_atomic(
+        tmp_path / "metrics.jsonl", [{"kind": "train", "step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
+    )
+    log = RunLog(tmp_path, enabled=True, total_steps=4, start_step=2)
+    log.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
