@@ -216,7 +216,7 @@ def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: f
 
     # Mediastinum: fat between the lungs, then the heart inside a pericardial fat layer.
     _paint(vol, grid.ellipsoid((0.0, -10.0, 125.0), (38.0, 62.0, 105.0)), -90.0)
-    heart_c = (18.0 + rng.uniform(-5, 5), -32.0 + rng.uniform(-4, 4), 175.0)
+    heart_c = (18.0 + rng.uniform(-5, 5), -38.0 + rng.uniform(-4, 4), 185.0)
     heart_r = np.array([55.0, 45.0, 46.0]) * s * (1.35 if "Cardiomegaly" in has else 1.0)
     peri = next((f["size_mm"] for f in findings if f["class"] == "Pericardial effusion"), 0)
     _paint(vol, grid.ellipsoid(heart_c, tuple(heart_r + peri + 4.0)), -100.0)
