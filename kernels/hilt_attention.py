@@ -28,7 +28,8 @@ single gradient ``dK + dV = [P; dS*scale]^T [dO; Q]``.
 All accumulation is in fp32; inputs may be bf16, fp16 or fp32. Runs on CUDA, and on CPU through
 the Triton interpreter when ``TRITON_INTERPRET=1`` is set at launch time (kernels are wrapped
 lazily, so the variable does not have to be set before import).
-Works with triton 3.6 and 3.9: pointer arithmetic only (no ``tl.make_block_ptr``), no autotune.
+Written for triton 3.6 (the GPU machine) and 3.9: pointer arithmetic only (no
+``tl.make_block_ptr``), no autotune; run so far on 3.9 (interpreter, and compiled for sm_90).
 """
 
 import contextlib
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 LOG2E = 1.4426950408889634
 COMBINE_BLOCK_M = 16
@@ -476,6 +478,7 @@ class _HiltAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, o_attn, lse = ctx.saved_tensors
         aliased = v is None
