@@ -6,7 +6,8 @@ labeler reads the findings. A report is split into sentences, sentences into cla
 not negate it: a negation cue before the phrase ("no", "without", "neither/nor", "absence of")
 or a negating predicate after it ("was not observed", "not detected", "is absent", "within
 normal limits"). Uncertain mentions ("?", "suspicious for", "may be compatible with") count as
-positive, as CT-RATE's own labels do; "ruled out"/"cannot be excluded" count as negative.
+positive, as CT-RATE's own labels do, and so does "cannot be excluded"; "was ruled out" and
+"to rule out" count as negative.
 
 Command: ``python -m hilt_scale.labeler INPUT --out labels.csv`` (INPUT: CSV with a
 ``report_text`` column, or JSONL with ``text``); the output has the id column and one 0/1
@@ -161,7 +162,7 @@ if set(PHRASES) != set(CLASSES):
 
 # Negation cues before a mention, in the same clause.
 _PRE_NEGATION = re.compile(
-    r"\b(?:no|without|neither|nor|absence of|free of|negative for|rule out|ruled out)\b"
+    r"\b(?:no|without|neither|nor|absence of|free of|negative for|rule out|to exclude)\b"
 )
 # Negating predicates after a mention, in the same clause.
 _NOT = re.compile(r"\b(?:not|no)\b")
@@ -172,8 +173,8 @@ _NEG_VERB = (
 _POST_NEGATION = re.compile(
     rf"\b(?:(?:(?:was|were|is|are|has|have|had)(?: been)? not|not been|not) (?:\w+ )?{_NEG_VERB}"
     r"(?! (?:in|on) (?:the )?(?:previous|prior|former|earlier))"
-    r"|absent|none|within normal limits|(?:was|were|is|are) (?:not )?excluded|disappeared"
-    r"|(?:completely|totally) (?:regressed|resolved)|cannot be (?:excluded|ruled out)|ruled out)\b"
+    r"|absent|none|within normal limits|disappeared|(?:completely|totally) (?:regressed|resolved)"
+    r"|(?:was|were|is|are|been) (?:excluded|ruled out))\b"
 )
 _CLAUSE_SPLIT = re.compile(r";|\bbut\b|\bhowever\b|\bwhereas\b|\balthough\b|\bapart from\b|\bother than\b")
 # Sentence ends: a full stop, "?" or "!" followed by space, quote or bullet; newlines; bullets.

@@ -72,11 +72,14 @@ def meteor_scorer():
 
 
 def _close_meteor() -> None:
-    """Stop the METEOR JVM at interpreter exit."""
+    """Stop the METEOR JVM (at interpreter exit, or after it failed mid-run)."""
     global _meteor_scorer
     if _meteor_scorer is not None:
         _meteor_scorer.meteor_p.kill()
         _meteor_scorer.meteor_p.wait()
+        # pycocoevalcap's __del__ takes its lock, which a compute_score that raised leaves held.
+        if _meteor_scorer.lock.locked():
+            _meteor_scorer.lock.release()
         _meteor_scorer = None
 
 
@@ -125,6 +128,9 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
         per["meteor"] = [100.0 * s for s in meteor_each]
     except RuntimeError as exc:
         unavailable["meteor"] = str(exc)
+    except (OSError, ValueError) as exc:  # the JVM died mid-run: drop it, a later call restarts it
+        _close_meteor()
+        unavailable["meteor"] = f"METEOR failed during scoring: {type(exc).__name__}: {exc}"
     # rouge-score's default tokenizer (no stemming) splits the normalised text again on any
     # non-alphanumeric character, so "effusion-thickening" counts as two ROUGE-1 tokens.
     scorer = RougeScorer(["rouge1", "rouge2"])

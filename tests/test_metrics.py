@@ -110,3 +110,33 @@ def test_local_evaluate_module_loads_offline_and_agrees(monkeypatch) -> None:
     want = metrics.compute_metrics(refs, hyps)
     for name in (*want["average_of"], "average"):
         assert got[name] == pytest.approx(want[name], abs=1e-9)
+
+
+def test_meteor_dying_mid_run_is_reported_not_raised(monkeypatch) -> None:
+    import threading
+
+    class DeadJVM:
+        """A Meteor whose Java process died: writing to it fails, as BrokenPipeError does."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.killed = False
+            self.meteor_p = self
+
+        def compute_score(self, gts, res):
+            self.lock.acquire()  # pycocoevalcap holds its lock while talking to the JVM
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def kill(self) -> None:
+            self.killed = True
+
+        def wait(self) -> None:
+            pass
+
+    dead = DeadJVM()
+    monkeypatch.setattr(metrics, "_meteor_scorer", dead)
+    got = metrics.compute_metrics(["the heart is normal"], ["heart size normal"])
+    assert "METEOR failed during scoring: BrokenPipeError" in got["unavailable"]["meteor"]
+    assert "meteor" not in got["average_of"] and len(got["average_of"]) == 8
+    assert dead.killed and not dead.lock.locked()
+    assert metrics._meteor_scorer is None  # the next call starts a fresh JVM
