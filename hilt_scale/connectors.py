@@ -31,12 +31,13 @@ class RandomQueryConnector(nn.Module):
         super().__init__()
         self.attn_impl = cfg.attn_impl
         self.scale = attn_scale_value(cfg.attn_scale, vision_width)
+        self.num_queries = cfg.num_queries  # kept apart: ZeRO-3 empties parameter shapes
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, vision_width) * 0.02)
         self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """Always the number of learned queries."""
-        return self.queries.shape[1]
+        return self.num_queries
 
     def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
         q = self.queries.expand(z_hr.shape[0], -1, -1).to(z_hr.dtype)

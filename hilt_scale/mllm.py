@@ -203,8 +203,12 @@ def build_llm(cfg: LLMConfig, tokenizer: Any) -> nn.Module:
             )
         if quant is not None:
             # bitsandbytes quantises while loading weights: round-trip the random model via disk.
+            # Not llm.save_pretrained: under torch.distributed it writes on rank 0 only.
+            from safetensors.torch import save_model  # noqa: PLC0415
+
             with tempfile.TemporaryDirectory() as tmp:
-                llm.save_pretrained(tmp)
+                llm.config.save_pretrained(tmp)
+                save_model(llm, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
                 llm = AutoModelForCausalLM.from_pretrained(
                     tmp, quantization_config=quant, dtype=dtype, attn_implementation=attn
                 )
