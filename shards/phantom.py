@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -410,7 +411,8 @@ def generate_phantom(
         for o, i, sp, sz, _, sd, p in jobs
     ]
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn: the caller (the trainer) may hold torch / communication threads that fork would copy.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows = list(pool.map(_one, jobs, chunksize=4))
     else:
         rows = [_one(j) for j in jobs]

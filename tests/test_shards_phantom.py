@@ -193,3 +193,13 @@ def test_reports_match_labeler_when_available(phantom: Path) -> None:
             if int(got.get(c, 0)) != int(labels[r["VolumeName"]][c]):
                 wrong.append((r["VolumeName"], c))
     assert not wrong, wrong[:10]
+
+
+@pytest.mark.slow
+def test_workers_do_not_change_the_output(tmp_path: Path) -> None:
+    generate_phantom(tmp_path / "one", n=4, size=(8, 16, 16), seed=9, workers=1)
+    generate_phantom(tmp_path / "two", n=4, size=(8, 16, 16), seed=9, workers=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 4 + 6
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
