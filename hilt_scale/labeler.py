@@ -72,6 +72,11 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
         r"\bdefibrillator\b",
         r"\bcoils?\b",
         r"\bcannula\w*",
+        r"\bsternal wires?\b",
+        r"\b(?:stent|vascular|aortic|bypass) grafts?\b",
+        r"\b(?:cabg|acbg)\b",
+        r"\bicd\b",
+        r"\b(?:surgical|metallic) mesh\b",
     ),
     "Arterial wall calcification": (
         rf"\b{_CALC}\b[^.;,]{{0,60}}?\b{_ARTERY}",
@@ -142,9 +147,10 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
     "Consolidation": (r"\bconsolidat\w*",),
     "Bronchiectasis": (r"\bbronchiecta\w*", r"\bbronchiolectas\w*"),
     "Interlobular septal thickening": (
-        r"\b(?:interlobular )?sept\w* (?:\w+ )?thicken\w*",
+        r"\b(?:interlobular )?sept\w* (?:\w+ )?(?:thicken\w*|thickness increase\w*)",
         r"\binterlobular sept\w*",
         r"\bthickening of (?:the )?interlobular sept\w*",
+        r"\binterstitial thicken\w*",
     ),
 }
 
