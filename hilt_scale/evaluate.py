@@ -216,7 +216,7 @@ def compare_table(run_dirs: Sequence[Path]) -> str:
     for row in rows:
         cells = [row["method"] or row["run"], row["hr_size"], row["visual_tokens"], row["llm"]]
         for name in sets:
-            got = row["eval"].get(name, {})
+            got = row["eval"].get(name) or {}  # a run whose evaluation did not happen has None
             cells += [_cell(got.get("average"), 2), _cell(got.get("ce_micro_f1"), 3)]
         lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)

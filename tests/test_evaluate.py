@@ -140,6 +140,14 @@ def test_compare_builds_the_paper_table(tmp_path: Path) -> None:
         "llm": {"name": "llm-tiny"},
     }
     (trainer / "export" / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    unevaluated = tmp_path / "crashed"
+    unevaluated.mkdir()
+    (unevaluated / "summary.json").write_text(
+        json.dumps({"final": None, "eval_split": "valid"}), encoding="utf-8"
+    )
+    assert (
+        evaluate.compare_table([unevaluated]).splitlines()[2] == "| crashed | n/a | n/a | n/a | n/a | n/a |"
+    )
     table = evaluate.compare_table([explicit, trainer]).splitlines()
     assert table[0] == (
         "| Method | Input resolution | Visual tokens | LLM | Average (ct-rate valid) | F1 (ct-rate valid) "
