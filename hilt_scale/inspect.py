@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hilt_scale.config import CONNECTOR_KINDS, ModelConfig, apply_overrides, model_config, parse_size
 from hilt_scale.connectors import build_connector
-from hilt_scale.mllm import build_vision, hf_config
+from hilt_scale.mllm import add_lora, build_vision, hf_config
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -33,18 +33,7 @@ def _meta_llm(cfg: ModelConfig) -> torch.nn.Module:
     config = hf_config(llm_cfg) if from_preset else AutoConfig.from_pretrained(llm_cfg.path)
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config)
-        llm.requires_grad_(False)
-        if llm_cfg.lora:
-            from peft import LoraConfig, get_peft_model  # noqa: PLC0415
-
-            lora = LoraConfig(
-                r=llm_cfg.lora_r,
-                lora_alpha=llm_cfg.lora_alpha,
-                target_modules=list(llm_cfg.lora_targets),
-                modules_to_save=list(llm_cfg.train_modules) or None,
-                task_type="CAUSAL_LM",
-            )
-            llm = get_peft_model(llm, lora)
+        llm = add_lora(llm, llm_cfg)
     return llm
 
 

@@ -216,22 +216,27 @@ def build_llm(cfg: LLMConfig, tokenizer: Any) -> nn.Module:
         llm = AutoModelForCausalLM.from_pretrained(
             cfg.path, quantization_config=quant, dtype=dtype, attn_implementation=attn
         )
-    llm.requires_grad_(False)
     if cfg.grad_checkpointing:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+    return add_lora(llm, cfg)
 
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-            modules_to_save=list(cfg.train_modules) or None,
-            task_type="CAUSAL_LM",
-        )
-        llm = get_peft_model(llm, lora)
-    return llm
+
+def add_lora(llm: nn.Module, cfg: LLMConfig) -> nn.Module:
+    """Freeze the LLM base and, when ``cfg.lora``, wrap it with peft LoRA (+ modules_to_save)."""
+    llm.requires_grad_(False)
+    if not cfg.lora:
+        return llm
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        modules_to_save=list(cfg.train_modules) or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(llm, lora)
 
 
 def build_vision(cfg: ModelConfig) -> ViT3D:
