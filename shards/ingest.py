@@ -29,6 +29,7 @@ HU_WINDOW = (-1000.0, 200.0)
 DTYPES = {"uint8": np.uint8, "int16": np.int16}
 SPLIT_FRACTIONS = (("train", 0.7), ("valid", 0.1), ("test", 0.2))
 MIN_TOKENS, MAX_TOKENS = 10, 512
+CT_RATE_SPLIT_ALIASES = {"validation": "valid"}  # reports/metadata CSV prefix -> volume folder
 
 
 class DataError(ValueError):
@@ -249,10 +250,12 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
 
 def _parse_spacing(xy: str, z: str, path: Path, key: str) -> tuple[float, float, float]:
     """CT-RATE spacing strings: XYSpacing '[0.75, 0.75]' (row, column) and ZSpacing '1.5'."""
+    nums = re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", xy)
     try:
-        y, x = (float(v) for v in json.loads(xy))
-        return float(z), y, x
-    except (ValueError, TypeError) as e:
+        if len(nums) != 2:
+            raise ValueError(xy)
+        return float(z), float(nums[0]), float(nums[1])
+    except ValueError as e:
         raise DataError("bad_metadata", path, key, f"cannot parse XYSpacing={xy!r} ZSpacing={z!r}") from e
 
 
@@ -264,25 +267,32 @@ def ct_rate_records(
     summary = Summary()
     records: list[Record] = []
     report_dir = root / "radiology_text_reports"
-    splits = sorted(p.name.split("_reports.csv")[0] for p in report_dir.glob("*_reports.csv"))
-    if not splits:
+    prefixes = sorted(p.name[: -len("_reports.csv")] for p in report_dir.glob("*_reports.csv"))
+    if not prefixes:
         raise DataError("bad_source", report_dir, "-", "no <split>_reports.csv found: not a CT-RATE tree")
-    for split in splits:
-        rep_path = report_dir / f"{split}_reports.csv"
+    for prefix in prefixes:
+        # CT-RATE itself names its validation CSVs validation_*.csv but the volumes valid/valid_*.
+        split = (
+            prefix
+            if (root / prefix).is_dir() or prefix not in CT_RATE_SPLIT_ALIASES
+            else CT_RATE_SPLIT_ALIASES[prefix]
+        )
+        rep_path = report_dir / f"{prefix}_reports.csv"
         reports = {r["VolumeName"]: r for r in _read_csv(rep_path, ("VolumeName", "Findings_EN"))}
-        meta_path = root / "metadata" / f"{split}_metadata.csv"
+        meta_path = _first_existing(root / "metadata", [f"{prefix}_metadata.csv", f"{split}_metadata.csv"])
         meta = (
             {
                 r["VolumeName"]: r
                 for r in _read_csv(meta_path, ("VolumeName", "RescaleSlope", "RescaleIntercept"))
             }
-            if meta_path.exists()
+            if meta_path
             else {}
         )
-        lab_path = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
-        labels = (
-            {r["VolumeName"]: r for r in _read_csv(lab_path, ("VolumeName",))} if lab_path.exists() else {}
+        lab_path = _first_existing(
+            root / "multi_abnormality_labels",
+            [f"{split}_predicted_labels.csv", f"{prefix}_predicted_labels.csv"],
         )
+        labels = {r["VolumeName"]: r for r in _read_csv(lab_path, ("VolumeName",))} if lab_path else {}
         for path in sorted((root / split).rglob("*.nii.gz")):
             name = path.name
             key = safe_key(name[: -len(".nii.gz")])
@@ -305,6 +315,11 @@ def ct_rate_records(
             except DataError as e:
                 handle(e, on_error, summary)
     return records, summary
+
+
+def _first_existing(folder: Path, names: list[str]) -> Path | None:
+    """The first of folder/name that exists, else None."""
+    return next((folder / n for n in names if (folder / n).exists()), None)
 
 
 def _report_text(row: dict, field_name: str) -> str:

@@ -217,3 +217,23 @@ def test_ct_rate_missing_report_and_slope_intercept(tmp_path: Path) -> None:
         source_records(tmp_path)
     recs, summary = source_records(tmp_path, on_error="skip")
     assert len(recs) == 4 and summary.dropped == {"missing_report": 1}
+
+
+def test_ct_rate_validation_csv_names(tmp_path: Path) -> None:
+    """CT-RATE names its CSVs validation_reports/validation_metadata but its volumes valid/valid_*."""
+    from shards.phantom import generate_phantom
+
+    generate_phantom(tmp_path, n=5, size=(8, 16, 16), seed=1)
+    for folder, old, new in [
+        ("radiology_text_reports", "valid_reports.csv", "validation_reports.csv"),
+        ("metadata", "valid_metadata.csv", "validation_metadata.csv"),
+    ]:
+        (tmp_path / folder / old).rename(tmp_path / folder / new)
+    meta = tmp_path / "metadata" / "validation_metadata.csv"
+    text = meta.read_text()
+    assert '"[22.5, 22.5]"' in text
+    meta.write_text(text.replace('"[22.5, 22.5]"', "(22.5 22.5)"))  # another spacing spelling
+    recs, summary = source_records(tmp_path)
+    valid = [r for r in recs if r.split == "valid"]
+    assert len(recs) == 5 and len(valid) == 1 and summary.dropped == {}
+    assert valid[0].labels is not None and valid[0].slope == 1.0 and valid[0].spacing == (37.5, 22.5, 22.5)
