@@ -299,14 +299,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
-    p.add_argument("--samples-per-shard", type=int)
+    p.add_argument("--samples-per-shard", type=int, help="default: about --shard-mb per shard")
+    p.add_argument("--shard-mb", type=int, default=1024, help="target shard size in MB (estimated)")
     p.add_argument("--report-field", choices=("findings", "impressions", "both"), default="findings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     source = a.ct_rate or a.manifest or a.nifti_dir
     index = write_shards(
         source, a.out, a.hr_size, a.dtype, a.workers, a.on_error, a.spacing, a.samples_per_shard,
-        report_field=a.report_field, progress=not a.no_progress,
+        shard_bytes=a.shard_mb << 20, report_field=a.report_field, progress=not a.no_progress,
     )  # fmt: skip
     print(
         json.dumps(
