@@ -120,7 +120,6 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
     "Lung opacity": (
         r"\b(?<!acinar )(?<!micronodular )opacit\w*",
         r"\bground[- ]glass(?![- ]nodul)\w*",
-        (r"\b(?<!active )infiltrat\w*", _NOT_LUNG + r"|\binto\b|leukemic|metasta"),
         (r"\b(?:increased|increases? in|increase of) (?:\w+ )?densit\w*", _NOT_LUNG + _SCAR),
         (r"\bdensity increase\w*", _NOT_LUNG + _SCAR),
     ),
