@@ -43,6 +43,8 @@ class ConnectorConfig:
     attn_impl: str = "sdpa"
     # "rsqrt" = softmax(QK^T / sqrt(C)) V (default, see docs/MODEL.md); "paper" = literal, scale 1.
     attn_scale: str = "rsqrt"
+    # Attention heads of HILT / random-queries (channels split C/heads, scale 1/sqrt(C/heads)); paper: 1.
+    heads: int = 1
     # random-queries: number of learned queries (BLIP-style ablation).
     num_queries: int = 64
     # pooled: output token grid (D, H, W) after adaptive average pooling of the HR tokens.

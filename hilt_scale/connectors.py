@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hilt_scale.config import ConnectorConfig, Size3
-from hilt_scale.hilt import HiltConnector, MLPProjector, attn_scale_value, hilt_attention
+from hilt_scale.hilt import HiltConnector, MLPProjector, attn_scale_value, check_heads, hilt_attention
 
 
 def _count(grid: Size3) -> int:
@@ -30,7 +30,8 @@ class RandomQueryConnector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
         self.attn_impl = cfg.attn_impl
-        self.scale = attn_scale_value(cfg.attn_scale, vision_width)
+        self.heads = check_heads(cfg.heads, vision_width)
+        self.scale = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
         self.num_queries = cfg.num_queries  # kept apart: ZeRO-3 empties parameter shapes
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, vision_width) * 0.02)
         self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
@@ -41,7 +42,7 @@ class RandomQueryConnector(nn.Module):
 
     def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
         q = self.queries.expand(z_hr.shape[0], -1, -1).to(z_hr.dtype)
-        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl))
+        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads))
 
 
 class AllTokensConnector(nn.Module):

@@ -49,8 +49,23 @@ def _triton_hilt_attention():
         return None
 
 
-def hilt_attention(q: torch.Tensor, kv: torch.Tensor, scale: float, impl: str = "sdpa") -> torch.Tensor:
-    """``q + softmax(q kv^T * scale) kv`` with the chosen implementation (eager | sdpa | triton)."""
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def hilt_attention(
+    q: torch.Tensor, kv: torch.Tensor, scale: float, impl: str = "sdpa", heads: int = 1
+) -> torch.Tensor:
+    """``q + softmax(q kv^T * scale) kv`` with the chosen implementation (eager | sdpa | triton).
+
+    ``heads > 1`` splits the channels of [B, N, C] inputs into heads of C/heads, attends per head
+    and merges them again (the paper uses one head).
+    """
+    if heads > 1:
+        b, n, c = q.shape
+        out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl)
+        return out.transpose(1, 2).reshape(b, n, c)
     if impl == "triton":
         fn = _triton_hilt_attention() if q.is_cuda else None
         if fn is not None:
@@ -67,6 +82,13 @@ def hilt_attention(q: torch.Tensor, kv: torch.Tensor, scale: float, impl: str = 
     if impl == "sdpa":
         return q + F.scaled_dot_product_attention(q, kv, kv, scale=scale)
     raise ValueError(f"connector.attn_impl={impl!r}; expected eager, sdpa or triton")
+
+
+def check_heads(heads: int, width: int) -> int:
+    """``heads`` when it divides the vision width; else an error naming connector.heads."""
+    if heads < 1 or width % heads:
+        raise ValueError(f"connector.heads={heads} must be >= 1 and divide the vision width {width}")
+    return heads
 
 
 class MLPProjector(nn.Module):
@@ -91,7 +113,8 @@ class HiltConnector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
         self.attn_impl = cfg.attn_impl
-        self.scale = attn_scale_value(cfg.attn_scale, vision_width)
+        self.heads = check_heads(cfg.heads, vision_width)
+        self.scale = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
         self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
@@ -99,4 +122,4 @@ class HiltConnector(nn.Module):
         return lr_grid[0] * lr_grid[1] * lr_grid[2]
 
     def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
-        return self.projector(hilt_attention(z_lr, z_hr, self.scale, self.attn_impl))
+        return self.projector(hilt_attention(z_lr, z_hr, self.scale, self.attn_impl, self.heads))

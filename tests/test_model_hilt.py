@@ -133,3 +133,27 @@ def test_implementations_agree_with_the_kernel_reference(impl):
     for scale in (1.0, 32**-0.5):
         want = hilt_attention_reference(q, kv, kv, scale=scale)
         torch.testing.assert_close(hilt_attention(q, kv, scale, impl), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_multi_head_hilt_equals_per_head_fp64_formula(impl):
+    torch.manual_seed(3)
+    width, heads = 24, 3
+    conn = HiltConnector(ConnectorConfig(attn_impl=impl, heads=heads), width, 16).double()
+    z_hr, z_lr = torch.randn(2, 20, width, dtype=torch.float64), torch.randn(2, 4, width, dtype=torch.float64)
+    d = width // heads
+    h = torch.cat(
+        [
+            z_lr[..., i * d : (i + 1) * d]
+            + torch.softmax(
+                z_lr[..., i * d : (i + 1) * d] @ z_hr[..., i * d : (i + 1) * d].transpose(1, 2) / d**0.5, -1
+            )
+            @ z_hr[..., i * d : (i + 1) * d]
+            for i in range(heads)
+        ],
+        dim=-1,
+    )
+    want = conn.projector(h)
+    torch.testing.assert_close(conn(z_hr, z_lr, (2, 2, 5)), want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="connector.heads"):
+        HiltConnector(ConnectorConfig(heads=5), width, 16)
