@@ -289,9 +289,11 @@ class HiltReportModel(nn.Module):
     def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
         """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
         device = self.vision.patch_embed.weight.device
+        if hr.dim() == 4:
+            hr = hr.unsqueeze(1)
+        if hr.dim() != 5 or hr.shape[1] != 1:
+            raise ValueError(f"hr must be [B, 1, D, H, W] (or [B, D, H, W]), got shape {tuple(hr.shape)}")
         x = to_unit_range(hr.to(device, non_blocking=True))
-        if x.dim() == 4:
-            x = x.unsqueeze(1)
         z_hr = z_lr = None
         hr_grid = self.vision.grid_of(x.shape[-3:]) if self.connector.needs_hr else (0, 0, 0)
         if self.connector.needs_lr:

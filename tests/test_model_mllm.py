@@ -105,6 +105,17 @@ def test_splice_puts_visual_tokens_at_the_placeholder(tokenizer):
     torch.testing.assert_close(embeds[:, at + 8], after)
 
 
+def test_encode_images_shapes_and_errors(tokenizer):
+    model = build_model(micro_cfg(), tokenizer)
+    hr = loader_batch(2)["hr"]
+    assert model.encode_images(hr).shape == (2, 8, 64)
+    assert model.encode_images(hr[:, 0]).shape == (2, 8, 64)  # channel axis may be left out
+    # A larger HR volume still gives the LR token count (position embeddings are resized).
+    assert model.encode_images(torch.zeros(1, 1, 32, 64, 64, dtype=torch.uint8)).shape == (1, 8, 64)
+    with pytest.raises(ValueError, match="B, 1, D, H, W"):
+        model.encode_images(torch.zeros(1, 2, 16, 32, 32, dtype=torch.uint8))
+
+
 def test_overfit_one_batch_gradients_generation_and_export(tokenizer, tmp_path):
     torch.manual_seed(0)
     model = build_model(micro_cfg(**{"llm.train_modules": "lm_head"}), tokenizer)
