@@ -46,6 +46,10 @@ _NOT_LUNG = (
     r"\b(?:fat\w*|soft tissue|subcutaneous|skin|breast|bone|vertebra\w*|liver|gallbladder|renal"
     r"|perirenal|kidney|mesenter\w*|muscle|lymph|node|metallic|thym\w*|mediastinum|adrenal|surrenal)\b"
 )
+# Organs outside the chest whose sequelae/fibrosis are not pulmonary.
+_NOT_CHEST = (
+    r"\b(?:kidneys?|renal|perirenal|liver|hepatic|spleen|breast|bone|vertebra\w*|rib|pyelonephritis)\b"
+)
 _SCAR = r"|sequel\w*|fibro\w*|pleuroparenchymal|linear|band|atelecta\w*|scar"
 # Each phrase is a pattern, or (pattern, veto): a veto pattern anywhere in the clause cancels it.
 PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
@@ -124,9 +128,12 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
         (r"\bdensity increase\w*", _NOT_LUNG + _SCAR),
     ),
     "Pulmonary fibrotic sequela": (
-        r"\bfibro\w*",
-        r"\bsequel\w*",
-        r"\bscar\w*",
+        (r"\bfibro\w*", _NOT_CHEST),
+        (r"\bsequel\w*", _NOT_CHEST),
+        (r"\bscar\w*", _NOT_CHEST),
+        r"\b(?:pleuro)?parenchymal bands?\b",
+        r"\bpleuroparenchymal (?:\w+ )?(?:densit\w*|density increases?)",
+        r"\bhoneycomb\w*",
     ),
     "Pleural effusion": (
         r"\bpleural (?:\w+ )?(?:effusion|fluid)",
