@@ -104,18 +104,18 @@ def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
     base = pick_config(shape.queries, shape.keys, shape.width, dtype, interpret=False)
     if base.block_dv > 128:  # wide single head
         variants = {
+            "n64dk64": dict(block_n=64, block_dk=64),
             "dv128": dict(block_dv=128),
-            "dk32": dict(block_dk=32),
-            "n32": dict(block_n=32),
             "2/sm": dict(programs_per_sm=2),
-            "m16dv512w4": dict(block_m=16, block_dv=512, num_warps=4),
+            "m16dv1024": dict(block_m=16, block_dv=1024),
+            "bwd-n128": dict(bwd_block_n=128),
         }
     else:
         variants = {
             "n128": dict(block_n=128),
             "w4": dict(num_warps=4),
             "4/sm": dict(programs_per_sm=4),
-            "st2": dict(num_stages=2),
+            "bwd-n32": dict(bwd_block_n=32),
         }
     out = {}
     for name, change in variants.items():
@@ -195,7 +195,13 @@ def run_shape(
     for name, fn in impls.items():
         for t in leaves:
             t.grad = None
-        out = fn(q, k, v)
+        try:
+            out = fn(q, k, v)
+        except Exception as exc:  # a sweep config may not compile (shared memory); keep going
+            if not name.startswith("triton["):
+                raise
+            print(f"{shape.label()} {name}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
         out.backward(dout)
         err = rel_err(out.detach(), ref.detach())
         grad_err = max(rel_err(t.grad, r) for t, r in zip(leaves, ref_grads))

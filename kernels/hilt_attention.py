@@ -323,6 +323,8 @@ class KernelConfig:
     num_stages: int = 2
     programs_per_sm: int = 2  # forward programs resident per SM, for sizing the key split
     num_splits: int | None = None
+    bwd_block_n: int = 64  # the backward kernel's key tile and C chunk
+    bwd_block_dk: int = 64
 
 
 def _pow2(x: int) -> int:
@@ -333,8 +335,9 @@ def _pow2(x: int) -> int:
 def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None) -> KernelConfig:
     """Tile sizes for M queries, N keys, head width d.
 
-    GPU choices were checked by compiling for sm_90 (ptxas -v, see kernels/README.md): none of
-    them spills registers; they are still to be tuned on a GPU with ``kernels.bench --sweep``.
+    GPU choices were checked by compiling for sm_90 with triton 3.6 and 3.9 (``python -m
+    kernels.bench --compile-only``): none spills registers. They are still to be tuned on a GPU
+    (``kernels.bench --sweep``).
     """
     interpret = _interpreting() if interpret is None else interpret
     d_pad = _pow2(d)
@@ -344,10 +347,10 @@ def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | No
     wide = d_pad > 128
     if dtype == torch.float32:  # 4-byte tiles: halve them to stay in registers
         if wide:
-            return KernelConfig(block_m, block_n=32, block_dk=32, block_dv=128, programs_per_sm=1)
-        return KernelConfig(block_m, block_n=32, block_dk=d_pad, block_dv=d_pad)
-    if wide:  # single head C=768: C chunks of 64 in q k^T, 256-wide output blocks (3 for C=768)
-        return KernelConfig(block_m, block_n=64, block_dk=64, block_dv=256, programs_per_sm=1)
+            return KernelConfig(block_m, 32, 32, 128, programs_per_sm=1, bwd_block_n=32, bwd_block_dk=32)
+        return KernelConfig(block_m, 32, d_pad, d_pad, bwd_block_n=32, bwd_block_dk=min(d_pad, 64))
+    if wide:  # single head C=768: C chunks of 32 in q k^T, 256-wide output blocks (3 for C=768)
+        return KernelConfig(block_m, block_n=32, block_dk=32, block_dv=256, programs_per_sm=1)
     # multi-head: the whole head in one tile, so K is read once when K is V
     return KernelConfig(block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_stages=3)
 
@@ -452,7 +455,7 @@ def _backward_p_ds(
     n = k.shape[2]
     cfg = cfg or pick_config(m, n, d, q.dtype)
     pds = _empty((bsz, heads, 2 * m, n), q.dtype, q.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), bsz * heads)
+    grid = (triton.cdiv(n, cfg.bwd_block_n), triton.cdiv(m, cfg.block_m), bsz * heads)
     _launch(
         _bwd_p_ds_kernel,
         grid,
@@ -460,7 +463,7 @@ def _backward_p_ds(
         scale * LOG2E, scale, m, n, d, heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         SAME_KV=_same_data(k, v),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=min(cfg.block_dk, 64),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_DK=cfg.bwd_block_dk,
         PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return pds
