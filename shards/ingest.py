@@ -35,8 +35,12 @@ CT_RATE_SPLIT_ALIASES = {"validation": "valid"}  # reports/metadata CSV prefix -
 class DataError(ValueError):
     """A bad input sample: the message names the file and the key."""
 
-    def __init__(self, reason: str, file: str | Path, key: str, detail: str) -> None:
+    def __init__(self, reason: str, file: str | Path = "", key: str = "", detail: str = "") -> None:
         self.reason, self.file, self.key, self.detail = reason, str(file), key, detail
+        if not (file or key or detail):  # rebuilt from a message alone (DataLoader worker re-raise)
+            self.reason = reason.split(":", 1)[0]
+            super().__init__(reason)
+            return
         super().__init__(f"{reason}: {file} [key {key}]: {detail}")
 
     def __reduce__(self):

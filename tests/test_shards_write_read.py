@@ -196,6 +196,8 @@ def test_corrupt_zstd_frame_raise_or_skip(shard_dir: Path, tmp_path: Path) -> No
     bad_key = json.loads((d / "index.json").read_text())["shards"][0]["keys"][1]
     with pytest.raises(DataError, match=rf"corrupt_zstd: .*train-000000.tar \[key {bad_key}\]"):
         list(ShardLoader(d, "train", batch_size=3, shuffle=False))
+    with pytest.raises(DataError, match=rf"corrupt_zstd: .*train-000000.tar \[key {bad_key}\]"):
+        list(ShardLoader(d, "train", batch_size=3, shuffle=False, num_workers=2))  # raised in a worker
     loader = ShardLoader(d, "train", batch_size=3, shuffle=False, on_error="skip")
     keys = [k for bt in loader for k in bt["key"]]
     assert bad_key not in keys and len(keys) == 9 and loader.skipped == {"corrupt_zstd": 1}
