@@ -140,6 +140,10 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
         r"\b(?:effusion|fluid)[^.;]*?\bpleura\w*",
         r"\bhydro(?:pneumo)?thorax\b",
         r"\bhydropnomothorax\b",
+        # An effusion without "pleural" but placed in a hemithorax, a lung or on a side.
+        r"\b(?:bilateral|right|left)(?: (?!pericardial)\w+){0,2} effusions?\b",
+        r"(?<!pericardial )\beffusions?\b[^.;]{0,40}?\b(?:hemithora\w*|lungs?)\b",
+        r"\bhemithora\w*[^.;]{0,40}?\beffusions?\b",
     ),
     "Mosaic attenuation pattern": (r"\bmosaic\w*", r"\bair[- ]trapping\b"),
     "Peribronchial thickening": (

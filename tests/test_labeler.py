@@ -61,6 +61,9 @@ def test_normal_report_has_no_findings() -> None:
         ("Interlobular septal thickening in both lungs.", {"Interlobular septal thickening"}),
         ("Mediastinal lymphadenopathy with a short axis of 15 mm.", {"Lymphadenopathy"}),
         ("The heart is larger than normal.", {"Cardiomegaly"}),
+        ("Bilateral effusions measuring 28 mm on the right.", {"Pleural effusion"}),
+        ("A large amount of effusion is observed in both hemithorax.", {"Pleural effusion"}),
+        ("Left pericardial effusion is observed, both lungs are clear.", {"Pericardial effusion"}),
         # Uncertain mentions count, as in CT-RATE's hand labels.
         ("Atelectasis cannot be excluded.", {"Atelectasis"}),
         ("Infection could not be ruled out given ground glass density.", {"Lung opacity"}),
