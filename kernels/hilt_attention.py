@@ -474,7 +474,8 @@ class _HiltAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale, cfg):
-        out, o_attn, lse = _forward(q, k, k if v is None else v, scale, cfg)
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            out, o_attn, lse = _forward(q, k, k if v is None else v, scale, cfg)
         ctx.save_for_backward(q, k, v, o_attn, lse)
         ctx.scale = scale
         ctx.cfg = cfg

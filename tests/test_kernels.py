@@ -136,6 +136,18 @@ def test_same_data_distinct_views_get_separate_gradients():
     assert rel_err(base.grad, k64.grad) <= 1e-4
 
 
+def test_frozen_keys_get_no_gradient():
+    """Only q needs a gradient (e.g. a frozen encoder's keys): dq is right, k and v get none."""
+    q, k, v = make_inputs((1, 5, 64), 40, torch.float32, False, seed=13)
+    k.requires_grad_(False)
+    v.requires_grad_(False)
+    ka.hilt_attention(q, k, v).square().sum().backward()
+    q64 = q.detach().double().requires_grad_()
+    hilt_attention_reference(q64, k.double(), v.double()).square().sum().backward()
+    assert k.grad is None and v.grad is None
+    assert rel_err(q.grad, q64.grad) <= 1e-4
+
+
 def test_package_exports_the_kernel():
     assert kernels.hilt_attention is ka.hilt_attention
     assert kernels.triton_available()
