@@ -71,6 +71,8 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
         r"\bvalve replacement\b",
         r"\b(?:metallic|surgical|suture|stent|fixation) material\w*",
         r"\bfixation\b",
+        r"\bfixators?\b",
+        r"\bbreast implants?\b",
         r"\bscrews?\b",
         r"\bimplant(?:ed)? (?:device|cardioverter)\w*",
         r"\bdefibrillator\b",
@@ -113,6 +115,7 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
         # the mediastinum, hila or axillae.
         (r"\blymph nod(?:e|es|ules?)\b", r"\b(?:intrapulmonary|subpleural|perifissural|fissur\w*)\b"),
     ),
+    # CT-RATE's hand labels count subcutaneous "emphysema" (free air) here too.
     "Emphysema": (r"\bemphysem\w*", r"\bbulla\w*", r"\bbullous\b"),
     "Atelectasis": (r"\batelecta\w*",),
     "Lung nodule": (
