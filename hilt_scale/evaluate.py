@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 from hilt_scale import metrics
 from hilt_scale.abnormalities import CLASSES
 from hilt_scale.labeler import clinical_efficacy, label_reports
+from hilt_scale.runlog import write_json_atomic
 
 FIELDS = ("key", "reference", "generated")
 
@@ -141,20 +140,6 @@ def read_predictions(path: Path) -> list[dict]:
         raise ValueError(f"{path}: no records")
     check_records(records, str(path))
     return records
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON via a temp file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def format_report(scores: dict) -> str:
