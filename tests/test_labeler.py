@@ -189,3 +189,34 @@ def test_phantom_reports_get_their_true_labels(tmp_path: Path, field: str) -> No
                 assert got == want, reports[row["VolumeName"]]
                 checked += 1
     assert checked == 60
+
+
+def test_cli_score_prints_per_class_table(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "labelled.csv"
+    zero = dict.fromkeys(CLASSES, "0")
+    rows = [
+        {"AccessionNo": "a", "report_text": "Bilateral pleural effusion.", **zero, "Pleural effusion": "1"},
+        {
+            "AccessionNo": "b",
+            "report_text": "No pleural effusion. Cardiomegaly.",
+            **zero,
+            "Pleural effusion": "1",
+        },
+    ]
+    with src.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["AccessionNo", "report_text", *CLASSES])
+        writer.writeheader()
+        writer.writerows(rows)
+    labeler.main([str(src), "--score"])
+    out = capsys.readouterr().out
+    # Pleural effusion: tp 1, fn 1 -> P 1, R 0.5; cardiomegaly: fp 1.
+    assert "| Pleural effusion | 1.000 | 0.500 | 0.667 | 2 |" in out
+    assert "| Cardiomegaly | 0.000 | 0.000 | 0.000 | 0 |" in out
+    assert json.loads(out.strip().splitlines()[-1])["ce_micro_f1"] == pytest.approx(0.5)
+    rows[0]["Emphysema"] = "yes"
+    with src.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["AccessionNo", "report_text", *CLASSES])
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(SystemExit, match="labelled.csv: line 2: a class column is not 0/1"):
+        labeler.main([str(src), "--score"])
