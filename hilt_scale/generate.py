@@ -117,7 +117,7 @@ def load_run(run: str | Path) -> tuple[Any, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: generate reports for INPUT with RUNDIR's export; write PREFIX.jsonl and PREFIX.txt."""
-    from hilt_scale.runlog import write_jsonl_atomic
+    from hilt_scale.runlog import write_jsonl_atomic, write_text_atomic
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory (its export/ is loaded)")
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     prefix = Path(args.out) if args.out else Path(args.run) / "generated" / name
     write_jsonl_atomic(prefix.with_name(prefix.name + ".jsonl"), records)
     text = "".join(f"== {r['key']} ==\n{r['generated']}\n\n" for r in records)
-    tmp = prefix.with_name(prefix.name + ".txt.tmp")
-    tmp.write_text(text)
-    tmp.replace(prefix.with_name(prefix.name + ".txt"))
+    write_text_atomic(prefix.with_name(prefix.name + ".txt"), text)
     print(f"{len(records)} reports -> {prefix}.jsonl, {prefix}.txt")
 
 
