@@ -33,6 +33,7 @@ Written for triton 3.6 (the GPU machine) and 3.9: pointer arithmetic only (no
 """
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -45,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 LOG2E = 1.4426950408889634
 COMBINE_BLOCK_M = 16
+NARROW_HEAD = 128  # heads up to this width (padded) take the fused flash-style backward
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -265,6 +267,133 @@ def _bwd_p_ds_kernel(
     tl.store(p_ptr + M_Q * N_K, ds.to(PdS.dtype.element_ty), mask=mask)
 
 
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV,  # DK, DV [B, H, N, D] in the input dtype; DV unused if SUM_KV
+    qk_scale, scale, M_Q, N_K, D, H,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    SAME_KV: tl.constexpr, SUM_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Narrow heads (d <= 128): one key block, all queries; dK and dV accumulate on chip.
+
+    Flash-attention-2 style: dV += P^T dO, dK += (dS * scale)^T Q over query blocks; with SUM_KV
+    (``k is v``) the single gradient dK + dV is written once.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N_K
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    k_tile = tl.load(
+        K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        mask=mask_nd,
+        other=0.0,
+    )
+    if SAME_KV:
+        v_tile = k_tile  # K is V: read once
+    else:
+        v_tile = tl.load(
+            V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+            mask=mask_nd,
+            other=0.0,
+        )
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    stats = pid_bh.to(tl.int64) * M_Q
+    for m0 in range(0, M_Q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M_Q
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask_md, other=0.0)
+        lse = tl.load(Lse + stats + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(Delta + stats + offs_m, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
+        p = tl.where(mask_m[:, None] & mask_n[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None]) * scale
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    out = pid_bh.to(tl.int64) * N_K * D + offs_n[:, None] * D + offs_d[None, :]
+    if SUM_KV:
+        tl.store(DK + out, (dk + dv).to(DK.dtype.element_ty), mask=mask_nd)
+    else:
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=mask_nd)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+def _bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQp,  # DQp [S, BH, M, D] fp32: per-split partial (dS * scale) K
+    qk_scale, scale, M_Q, N_K, D, H, keys_per_split,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdb, sdh, sdm, sdd,
+    SAME_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Narrow heads: dQ's attention part split over the keys like the forward, partials in fp32."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(
+        Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+        mask=mask_md,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd,
+        mask=mask_md,
+        other=0.0,
+    )
+    stats = pid_bh.to(tl.int64) * M_Q
+    lse = tl.load(Lse + stats + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(Delta + stats + offs_m, mask=mask_m, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start = pid_s * keys_per_split
+    end = tl.minimum(start + keys_per_split, N_K)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k_tile = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
+        if SAME_KV:
+            v_tile = k_tile
+        else:
+            v_tile = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+        s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION)
+        p = tl.where(mask_n[None, :], tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v_tile), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None]) * scale
+        acc += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=PRECISION)
+
+    row = (pid_s * tl.num_programs(2) + pid_bh).to(tl.int64) * M_Q
+    tl.store(DQp + (row + offs_m)[:, None] * D + offs_d[None, :], acc, mask=mask_md)
+
+
 @functools.cache
 def _compiled(fn, interpret: bool):
     """``triton.jit`` of a kernel, cached per interpreter mode (Triton reads the mode at wrap time)."""
@@ -323,8 +452,10 @@ class KernelConfig:
     num_stages: int = 2
     programs_per_sm: int = 2  # forward programs resident per SM, for sizing the key split
     num_splits: int | None = None
-    bwd_block_n: int = 64  # the backward kernel's key tile and C chunk
+    bwd_block_m: int = 64  # the backward kernels' query tile, key tile and C chunk
+    bwd_block_n: int = 64
     bwd_block_dk: int = 64
+    bwd_num_stages: int = 2
 
 
 def _pow2(x: int) -> int:
@@ -342,17 +473,20 @@ def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | No
     interpret = _interpreting() if interpret is None else interpret
     d_pad = _pow2(d)
     block_m = min(64, _pow2(m))
+    wide = d_pad > NARROW_HEAD
     if interpret:  # ~1 ms per program instance: few, large programs
-        return KernelConfig(block_m, block_n=64, block_dk=min(d_pad, 256), block_dv=min(d_pad, 256))
-    wide = d_pad > 128
-    if dtype == torch.float32:  # 4-byte tiles: halve them to stay in registers
-        if wide:
-            return KernelConfig(block_m, 32, 32, 128, programs_per_sm=1, bwd_block_n=32, bwd_block_dk=32)
-        return KernelConfig(block_m, 32, d_pad, d_pad, bwd_block_n=32, bwd_block_dk=min(d_pad, 64))
-    if wide:  # single head C=768: C chunks of 32 in q k^T, 256-wide output blocks (3 for C=768)
-        return KernelConfig(block_m, block_n=32, block_dk=32, block_dv=256, programs_per_sm=1)
-    # multi-head: the whole head in one tile, so K is read once when K is V
-    return KernelConfig(block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_stages=3)
+        cfg = KernelConfig(block_m, block_n=64, block_dk=min(d_pad, 256), block_dv=min(d_pad, 256))
+    elif dtype == torch.float32 and wide:  # 4-byte tiles: halve them to stay in registers
+        cfg = KernelConfig(block_m, 32, 32, 128, programs_per_sm=1, bwd_block_n=32, bwd_block_dk=32)
+    elif dtype == torch.float32:
+        cfg = KernelConfig(block_m, 32, d_pad, d_pad, bwd_block_m=32, bwd_block_n=32, bwd_num_stages=1)
+    elif wide:  # single head C=768: C chunks of 32 in q k^T, 256-wide output blocks (3 for C=768)
+        cfg = KernelConfig(block_m, block_n=32, block_dk=32, block_dv=256, programs_per_sm=1)
+    else:  # multi-head: the whole head in one tile, so K is read once when K is V
+        cfg = KernelConfig(
+            block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_stages=3, bwd_num_stages=3
+        )
+    return dataclasses.replace(cfg, bwd_block_m=min(cfg.bwd_block_m, block_m))
 
 
 def _num_splits(cfg: KernelConfig, n: int, programs_per_split: int, device: torch.device) -> int:
@@ -455,7 +589,7 @@ def _backward_p_ds(
     n = k.shape[2]
     cfg = cfg or pick_config(m, n, d, q.dtype)
     pds = _empty((bsz, heads, 2 * m, n), q.dtype, q.device)
-    grid = (triton.cdiv(n, cfg.bwd_block_n), triton.cdiv(m, cfg.block_m), bsz * heads)
+    grid = (triton.cdiv(n, cfg.bwd_block_n), triton.cdiv(m, cfg.bwd_block_m), bsz * heads)
     _launch(
         _bwd_p_ds_kernel,
         grid,
@@ -463,10 +597,58 @@ def _backward_p_ds(
         scale * LOG2E, scale, m, n, d, heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         SAME_KV=_same_data(k, v),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_DK=cfg.bwd_block_dk,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_DK=cfg.bwd_block_dk,
+        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.bwd_num_stages,
     )  # fmt: skip
     return pds
+
+
+def _backward_narrow(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    do: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    scale: float,
+    sum_kv: bool,
+    cfg: KernelConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Fused backward for heads d <= 128: (dq, dk, dv); with ``sum_kv`` dk holds dK + dV, dv None."""
+    bsz, heads, m, d = q.shape
+    n = k.shape[2]
+    bh = bsz * heads
+    d_pad = _pow2(d)
+    same_kv = _same_data(k, v)
+    common = dict(SAME_KV=same_kv, BLOCK_M=cfg.bwd_block_m, BLOCK_D=d_pad, PRECISION=_precision(q.dtype))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+
+    dk = _empty((bsz, heads, n, d), q.dtype, q.device)
+    dv = dk if sum_kv else _empty((bsz, heads, n, d), q.dtype, q.device)
+    _launch(
+        _bwd_dkdv_kernel,
+        (triton.cdiv(n, cfg.bwd_block_n), bh),
+        q, k, v, do, lse, delta, dk, dv,
+        scale * LOG2E, scale, m, n, d, heads, *strides,
+        SUM_KV=sum_kv, BLOCK_N=cfg.bwd_block_n, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.bwd_num_stages,
+    )  # fmt: skip
+
+    n_m = triton.cdiv(m, cfg.bwd_block_m)
+    splits = _num_splits(cfg, n, n_m * bh, q.device)
+    keys_per_split = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(n, keys_per_split)
+    dq_part = _empty((splits, bh, m, d), torch.float32, q.device)
+    _launch(
+        _bwd_dq_kernel,
+        (splits, n_m, bh),
+        q, k, v, do, lse, delta, dq_part,
+        scale * LOG2E, scale, m, n, d, heads, keys_per_split, *strides,
+        BLOCK_N=cfg.block_n, **common,
+        num_warps=cfg.num_warps, num_stages=cfg.bwd_num_stages,
+    )  # fmt: skip
+    dq = (do.float() + dq_part.sum(0).view(bsz, heads, m, d)).to(q.dtype)
+    return dq, dk, None if sum_kv else dv
 
 
 class _HiltAttention(torch.autograd.Function):
@@ -490,7 +672,11 @@ class _HiltAttention(torch.autograd.Function):
         m = q.shape[2]
         delta = (dout.float() * o_attn).sum(-1)  # rowsum(dO * O), [B, H, M]
         do = dout.to(q.dtype)
-        pds = _backward_p_ds(q, k, v_eff, do, lse, delta, ctx.scale, ctx.cfg)
+        cfg = ctx.cfg or pick_config(m, k.shape[2], q.shape[3], q.dtype)
+        if _pow2(q.shape[3]) <= NARROW_HEAD:  # fused: no P / dS round trip through memory
+            dq, dk, dv = _backward_narrow(q, k, v_eff, do, lse, delta, ctx.scale, aliased, cfg)
+            return dq, dk, dv, None, None
+        pds = _backward_p_ds(q, k, v_eff, do, lse, delta, ctx.scale, cfg)
         p, ds = pds[:, :, :m], pds[:, :, m:]
         dq = dk = dv = None
         if ctx.needs_input_grad[0]:

@@ -32,16 +32,14 @@ pytestmark = [
         bench.Shape(1, 0, 64, 4096, 768, True),  # the paper: one 768-wide head, K is V
         bench.Shape(1, 0, 64, 4096, 768, False),
         bench.Shape(1, 12, 64, 4096, 64, True),  # multi-head 12 x 64
+        bench.Shape(1, 12, 64, 4096, 64, False),
     ],
     ids=lambda s: s.label(),
 )
 def test_bf16_launches_compile_for_sm90_without_spills(shape):
     calls = bench.capture_launches(shape, torch.bfloat16)
-    assert [fn.__name__ for fn, _, _ in calls] == [
-        "_fwd_split_kernel",
-        "_fwd_combine_kernel",
-        "_bwd_p_ds_kernel",
-    ]
+    backward = ["_bwd_dkdv_kernel", "_bwd_dq_kernel"] if shape.width <= 128 else ["_bwd_p_ds_kernel"]
+    assert [fn.__name__ for fn, _, _ in calls] == ["_fwd_split_kernel", "_fwd_combine_kernel", *backward]
     for fn, args, kwargs in calls:
         kernel = bench.compile_launch(fn, args, kwargs, arch=90)
         assert kernel.asm["cubin"], fn.__name__

@@ -96,10 +96,20 @@ def test_matches_fp64_reference(shape_q, n, dtype, kv_same, scale):
 
 
 @pytest.mark.parametrize("kv_same", [True, False])
-def test_tiled_head_and_many_splits(kv_same):
-    """Small explicit tiles: C chunks with a ragged tail, 2 query blocks, 4 column blocks, 3 splits."""
-    cfg = ka.KernelConfig(block_m=16, block_n=32, block_dk=64, block_dv=64, num_splits=3)
-    q, k, v = make_inputs((2, 20, 200), 301, torch.float32, kv_same, seed=7)
+@pytest.mark.parametrize("width", [200, 48], ids=["wide-P-dS-backward", "narrow-fused-backward"])
+def test_small_tiles_many_blocks_and_splits(kv_same, width):
+    """Explicit small tiles: 2 query blocks, 3 key splits, ragged C chunks / column blocks (wide)."""
+    cfg = ka.KernelConfig(
+        block_m=16,
+        block_n=32,
+        block_dk=64,
+        block_dv=64,
+        num_splits=3,
+        bwd_block_m=16,
+        bwd_block_n=32,
+        bwd_block_dk=32,
+    )
+    q, k, v = make_inputs((2, 20, width), 301, torch.float32, kv_same, seed=7)
     check_against_reference(q, k, v, None, TOL[torch.float32], config=cfg)
 
 
