@@ -244,10 +244,14 @@ def capture_launches(shape: Shape, dtype: torch.dtype) -> list[tuple[Callable, t
     k = torch.zeros((1, max(shape.heads, 1), 64, shape.width), dtype=dtype)
     v = k if shape.kv_same else torch.zeros_like(k)
     stats = torch.zeros(q.shape[:-1])
-    with mock.patch.object(ka, "_launch", record), mock.patch.object(ka, "_interpreting", lambda: False):
+    launch_mod = importlib.import_module("kernels.launch")
+    with (
+        mock.patch.object(ka, "launch", record),
+        mock.patch.object(launch_mod, "interpreting", lambda: False),
+    ):
         ka._forward(q, k, v, 1.0)
         cfg = ka.pick_config(shape.queries, k.shape[2], shape.width, dtype)
-        if ka._pow2(shape.width) <= ka.NARROW_HEAD:  # the same routing as the backward
+        if ka.pow2(shape.width) <= ka.NARROW_HEAD:  # the same routing as the backward
             ka._backward_narrow(q, k, v, q, stats, stats, 1.0, shape.kv_same, cfg)
         else:
             ka._backward_p_ds(q, k, v, q, stats, stats, 1.0, cfg)

@@ -19,50 +19,48 @@ Backward (the derivative, with ``O = softmax(S) V``, ``S = q k^T * scale``, ``P 
     dQ = dO + (dS K) * scale                               (the residual passes dO through)
     dK = (dS^T Q) * scale
 
-A Triton kernel recomputes P from the saved log-sum-exp (scores never stored in the forward) and
-dP from dO and V, tile by tile over C, and writes P and ``dS * scale`` once as an [N', N] pair.
-The three products left (dQ, dK, dV) are plain GEMMs whose inner dimension is N' or N; cuBLAS runs
-them at its roofline, so they are left to ``torch.matmul``. When ``k is v`` one GEMM writes the
-single gradient ``dK + dV = [P; dS*scale]^T [dO; Q]``.
+P is recomputed from the saved log-sum-exp (scores are never stored), in one of two ways:
+- narrow heads (d <= 128, multi-head): flash-attention-2 style, one program per key block keeps
+  dK and dV on chip over all queries (one gradient dK + dV written when ``k is v``), and a split-K
+  kernel like the forward accumulates dQ;
+- wide heads (the paper's C = 768): dK, dV [BLOCK_N, C] do not fit on chip, so a kernel writes P
+  and ``dS * scale`` once as an [2N', N] tensor (1/6 of the bytes of K at C = 768) and cuBLAS does
+  the three GEMMs (dQ, dK, dV); when ``k is v`` one GEMM ``[P; dS*scale]^T [dO; Q]`` writes dK + dV.
 
-All accumulation is in fp32; inputs may be bf16, fp16 or fp32. Runs on CUDA, and on CPU through
-the Triton interpreter when ``TRITON_INTERPRET=1`` is set at launch time (kernels are wrapped
-lazily, so the variable does not have to be set before import).
-Written for triton 3.6 (the GPU machine) and 3.9: pointer arithmetic only (no
-``tl.make_block_ptr``), no autotune; run so far on 3.9 (interpreter, and compiled for sm_90).
+Accumulation is in fp32; inputs may be bf16, fp16 or fp32. Runs on CUDA, and on a CPU through the
+Triton interpreter when ``TRITON_INTERPRET=1`` is set by launch time (see ``kernels/launch.py``).
+Written for triton 3.6 (the GPU machine's) and 3.9: pointer arithmetic only (no
+``tl.make_block_ptr``), no autotune; compiled for sm_90 with both, run in the 3.9 interpreter.
 """
 
 import contextlib
-import dataclasses
-import functools
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels.launch import (
+    NARROW_HEAD,
+    KernelConfig,
+    dot_precision,
+    interpreting,
+    launch,
+    num_splits,
+    pick_config,
+    pow2,
+    same_data,
+)
+
 LOG2E = 1.4426950408889634
 COMBINE_BLOCK_M = 16
-NARROW_HEAD = 128  # heads up to this width (padded) take the fused flash-style backward
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_available() -> bool:
-    """True when the kernels can run here: CUDA present or the Triton interpreter switched on."""
-    return torch.cuda.is_available() or _interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. They are plain functions here and wrapped with ``triton.jit`` on first use
-# (see ``_launch``), so that TRITON_INTERPRET is read at launch rather than at import.
+# (``kernels.launch.launch``), so that TRITON_INTERPRET is read at launch, not at import.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -394,134 +392,9 @@ def _bwd_dq_kernel(
     tl.store(DQp + (row + offs_m)[:, None] * D + offs_d[None, :], acc, mask=mask_md)
 
 
-@functools.cache
-def _compiled(fn, interpret: bool):
-    """``triton.jit`` of a kernel, cached per interpreter mode (Triton reads the mode at wrap time)."""
-    return triton.jit(fn)
-
-
-@contextlib.contextmanager
-def _interpretable_stdlib():
-    """Let the interpreter call tl.max / tl.sum / tl.zeros even if triton was imported earlier.
-
-    Triton wraps its own library functions at import time; when something (peft, bitsandbytes,
-    torch._dynamo) imported triton before TRITON_INTERPRET was set, those are compiled-mode
-    objects that the interpreter refuses to call. For the launch, swap in interpreted twins.
-    """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    saved = [
-        (mod, name, val)
-        for mod in (tl, tl.standard, tl.math)
-        for name, val in list(vars(mod).items())
-        if isinstance(val, JITFunction)
-    ]
-    for mod, name, val in saved:
-        setattr(mod, name, InterpretedFunction(val.fn))
-    try:
-        yield
-    finally:
-        for mod, name, val in saved:
-            setattr(mod, name, val)
-
-
-def _launch(fn, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Launch a kernel, reading TRITON_INTERPRET now (not at import) to pick GPU or interpreter."""
-    if not _interpreting():
-        _compiled(fn, False)[grid](*args, **kwargs)
-        return
-    with _interpretable_stdlib():
-        _compiled(fn, True)[grid](*args, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch configuration: a small heuristic (no autotune, which needs a GPU for >1 config).
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch shape; ``num_splits=None`` lets the heuristic pick the key split."""
-
-    block_m: int
-    block_n: int
-    block_dk: int
-    block_dv: int
-    num_warps: int = 8
-    num_stages: int = 2
-    programs_per_sm: int = 2  # forward programs resident per SM, for sizing the key split
-    num_splits: int | None = None
-    bwd_block_m: int = 64  # the backward kernels' query tile, key tile and C chunk
-    bwd_block_n: int = 64
-    bwd_block_dk: int = 64
-    bwd_num_stages: int = 2
-
-
-def _pow2(x: int) -> int:
-    """Smallest power of two >= max(x, 16) (tl.dot needs every tile side >= 16)."""
-    return max(16, 1 << (max(int(x), 1) - 1).bit_length())
-
-
-def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None) -> KernelConfig:
-    """Tile sizes for M queries, N keys, head width d.
-
-    GPU choices were checked by compiling for sm_90 with triton 3.6 and 3.9 (``python -m
-    kernels.bench --compile-only``): none spills registers. They are still to be tuned on a GPU
-    (``kernels.bench --sweep``).
-    """
-    interpret = _interpreting() if interpret is None else interpret
-    d_pad = _pow2(d)
-    block_m = min(64, _pow2(m))
-    wide = d_pad > NARROW_HEAD
-    if interpret:  # ~1 ms per program instance: few, large programs
-        cfg = KernelConfig(block_m, block_n=64, block_dk=min(d_pad, 256), block_dv=min(d_pad, 256))
-    elif dtype == torch.float32 and wide:  # 4-byte tiles: halve them to stay in registers
-        cfg = KernelConfig(block_m, 32, 32, 128, programs_per_sm=1, bwd_block_n=32, bwd_block_dk=32)
-    elif dtype == torch.float32:
-        cfg = KernelConfig(block_m, 32, d_pad, d_pad, bwd_block_m=32, bwd_block_n=32, bwd_num_stages=1)
-    elif wide:  # single head C=768: C chunks of 32 in q k^T, 256-wide output blocks (3 for C=768)
-        cfg = KernelConfig(block_m, block_n=32, block_dk=32, block_dv=256, programs_per_sm=1)
-    else:  # multi-head: the whole head in one tile, so K is read once when K is V
-        cfg = KernelConfig(
-            block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_stages=3, bwd_num_stages=3
-        )
-    return dataclasses.replace(cfg, bwd_block_m=min(cfg.bwd_block_m, block_m))
-
-
-def _num_splits(cfg: KernelConfig, n: int, programs_per_split: int, device: torch.device) -> int:
-    """Key splits so that the forward grid fills the GPU about once; capped by key blocks.
-
-    More splits would add parallelism but also partial (m, l, acc) traffic: at C=768, 22 splits
-    of fp32 partials are ~9% of the bytes of K itself.
-    """
-    if cfg.num_splits is not None:
-        return max(1, min(cfg.num_splits, triton.cdiv(n, cfg.block_n)))
-    if device.type == "cuda":
-        target = cfg.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    return max(1, min(triton.cdiv(n, cfg.block_n), triton.cdiv(target, programs_per_split)))
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output; tests replace this with a NaN fill to catch unwritten elements."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots (no tf32), so the fp32 error stays near 1e-6."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when two tensors view the very same elements (then K is read once)."""
-    return a is b or (
-        a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,16 +412,16 @@ def _forward(
     bh = bsz * heads
     n_m = triton.cdiv(m, cfg.block_m)
     n_dv = triton.cdiv(d, cfg.block_dv)
-    splits = _num_splits(cfg, n, n_m * n_dv * bh, q.device)
+    splits = num_splits(cfg, n, n_m * n_dv * bh, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(n, keys_per_split)  # every split now holds at least one key
-    same_kv = _same_data(k, v)  # K is V: one tile feeds both products where they coincide
+    same_kv = same_data(k, v)  # K is V: one tile feeds both products where they coincide
     one_chunk = cfg.block_dk >= d and cfg.block_dv >= d and cfg.block_dk == cfg.block_dv
 
     acc = _empty((splits, bh, m, d), torch.float32, q.device)
     mx = _empty((splits, bh, m), torch.float32, q.device)
     lx = _empty((splits, bh, m), torch.float32, q.device)
-    _launch(
+    launch(
         _fwd_split_kernel,
         (splits, n_m * n_dv, bh),
         q, k, v, acc, mx, lx,
@@ -556,14 +429,14 @@ def _forward(
         *q.stride(), *k.stride(), *v.stride(),
         V_IS_K_TILE=same_kv and one_chunk, ONE_CHUNK=one_chunk,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
     out = _empty((bsz, heads, m, d), q.dtype, q.device)
     o_attn = _empty((bsz, heads, m, d), torch.float32, q.device)
     lse = _empty((bsz, heads, m), torch.float32, q.device)
-    block_d = min(_pow2(d), 64)  # small combine tiles: enough programs to stream the partials
-    _launch(
+    block_d = min(pow2(d), 64)  # small combine tiles: enough programs to stream the partials
+    launch(
         _fwd_combine_kernel,
         (triton.cdiv(m, COMBINE_BLOCK_M) * triton.cdiv(d, block_d), bh),
         q, acc, mx, lx, out, o_attn, lse,
@@ -590,15 +463,15 @@ def _backward_p_ds(
     cfg = cfg or pick_config(m, n, d, q.dtype)
     pds = _empty((bsz, heads, 2 * m, n), q.dtype, q.device)
     grid = (triton.cdiv(n, cfg.bwd_block_n), triton.cdiv(m, cfg.bwd_block_m), bsz * heads)
-    _launch(
+    launch(
         _bwd_p_ds_kernel,
         grid,
         q, k, v, do, lse, delta, pds,
         scale * LOG2E, scale, m, n, d, heads,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-        SAME_KV=_same_data(k, v),
+        SAME_KV=same_data(k, v),
         BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n, BLOCK_DK=cfg.bwd_block_dk,
-        PRECISION=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.bwd_num_stages,
+        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.bwd_num_stages,
     )  # fmt: skip
     return pds
 
@@ -618,14 +491,14 @@ def _backward_narrow(
     bsz, heads, m, d = q.shape
     n = k.shape[2]
     bh = bsz * heads
-    d_pad = _pow2(d)
-    same_kv = _same_data(k, v)
-    common = dict(SAME_KV=same_kv, BLOCK_M=cfg.bwd_block_m, BLOCK_D=d_pad, PRECISION=_precision(q.dtype))
+    d_pad = pow2(d)
+    same_kv = same_data(k, v)
+    common = dict(SAME_KV=same_kv, BLOCK_M=cfg.bwd_block_m, BLOCK_D=d_pad, PRECISION=dot_precision(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
 
     dk = _empty((bsz, heads, n, d), q.dtype, q.device)
     dv = dk if sum_kv else _empty((bsz, heads, n, d), q.dtype, q.device)
-    _launch(
+    launch(
         _bwd_dkdv_kernel,
         (triton.cdiv(n, cfg.bwd_block_n), bh),
         q, k, v, do, lse, delta, dk, dv,
@@ -635,11 +508,11 @@ def _backward_narrow(
     )  # fmt: skip
 
     n_m = triton.cdiv(m, cfg.bwd_block_m)
-    splits = _num_splits(cfg, n, n_m * bh, q.device)
+    splits = num_splits(cfg, n, n_m * bh, q.device)
     keys_per_split = triton.cdiv(triton.cdiv(n, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(n, keys_per_split)
     dq_part = _empty((splits, bh, m, d), torch.float32, q.device)
-    _launch(
+    launch(
         _bwd_dq_kernel,
         (splits, n_m, bh),
         q, k, v, do, lse, delta, dq_part,
@@ -673,7 +546,7 @@ class _HiltAttention(torch.autograd.Function):
         delta = (dout.float() * o_attn).sum(-1)  # rowsum(dO * O), [B, H, M]
         do = dout.to(q.dtype)
         cfg = ctx.cfg or pick_config(m, k.shape[2], q.shape[3], q.dtype)
-        if _pow2(q.shape[3]) <= NARROW_HEAD:  # fused: no P / dS round trip through memory
+        if pow2(q.shape[3]) <= NARROW_HEAD:  # fused: no P / dS round trip through memory
             dq, dk, dv = _backward_narrow(q, k, v_eff, do, lse, delta, ctx.scale, aliased, cfg)
             return dq, dk, dv, None, None
         pds = _backward_p_ds(q, k, v_eff, do, lse, delta, ctx.scale, cfg)
@@ -711,7 +584,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"hilt_attention: dtype {q.dtype} not supported; use one of {SUPPORTED_DTYPES}")
     if q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[-1] == 0:
         raise ValueError(f"hilt_attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "hilt_attention: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1)"
             " or use kernels.hilt_attention_reference / SDPA"

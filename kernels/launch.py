@@ -1,0 +1,151 @@
+"""How the HILT attention kernels are launched: tile choice, key split, GPU vs interpreter.
+
+Kept apart from the kernels themselves (``hilt_attention.py``): this is the part to tune on a GPU
+(``python -m kernels.bench --sweep``) and the part that knows Triton's interpreter quirks.
+"""
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+NARROW_HEAD = 128  # heads up to this width (padded) take the fused flash-style backward
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    """True when the kernels can run here: CUDA present or the Triton interpreter switched on."""
+    return torch.cuda.is_available() or interpreting()
+
+
+@functools.cache
+def _compiled(fn, interpret: bool):
+    """``triton.jit`` of a kernel, cached per interpreter mode (Triton reads the mode at wrap time)."""
+    return triton.jit(fn)
+
+
+@contextlib.contextmanager
+def _interpretable_stdlib():
+    """Let the interpreter call tl.max / tl.sum / tl.zeros even if triton was imported earlier.
+
+    Triton wraps its own library functions at import time; when something (peft, bitsandbytes,
+    torch._dynamo) imported triton before TRITON_INTERPRET was set, those are compiled-mode
+    objects that the interpreter refuses to call. For the launch, swap in interpreted twins.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    saved = [
+        (mod, name, val)
+        for mod in (tl, tl.standard, tl.math)
+        for name, val in list(vars(mod).items())
+        if isinstance(val, JITFunction)
+    ]
+    for mod, name, val in saved:
+        setattr(mod, name, InterpretedFunction(val.fn))
+    try:
+        yield
+    finally:
+        for mod, name, val in saved:
+            setattr(mod, name, val)
+
+
+def launch(fn, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """Launch a kernel, reading TRITON_INTERPRET now (not at import) to pick GPU or interpreter."""
+    if not interpreting():
+        _compiled(fn, False)[grid](*args, **kwargs)
+        return
+    with _interpretable_stdlib():
+        _compiled(fn, True)[grid](*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration: a small heuristic (no autotune, which needs a GPU for >1 config).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch shape; ``num_splits=None`` lets the heuristic pick the key split."""
+
+    block_m: int
+    block_n: int
+    block_dk: int
+    block_dv: int
+    num_warps: int = 8
+    num_stages: int = 2
+    programs_per_sm: int = 2  # forward programs resident per SM, for sizing the key split
+    num_splits: int | None = None
+    bwd_block_m: int = 64  # the backward kernels' query tile, key tile and C chunk
+    bwd_block_n: int = 64
+    bwd_block_dk: int = 64
+    bwd_num_stages: int = 2
+
+
+def pow2(x: int) -> int:
+    """Smallest power of two >= max(x, 16) (tl.dot needs every tile side >= 16)."""
+    return max(16, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None) -> KernelConfig:
+    """Tile sizes for M queries, N keys, head width d.
+
+    GPU choices were checked by compiling for sm_90 with triton 3.6 and 3.9 (``python -m
+    kernels.bench --compile-only``): none spills registers. They are still to be tuned on a GPU
+    (``kernels.bench --sweep``).
+    """
+    interpret = interpreting() if interpret is None else interpret
+    d_pad = pow2(d)
+    block_m = min(64, pow2(m))
+    wide = d_pad > NARROW_HEAD
+    if interpret:  # ~1 ms per program instance: few, large programs
+        cfg = KernelConfig(block_m, block_n=64, block_dk=min(d_pad, 256), block_dv=min(d_pad, 256))
+    elif dtype == torch.float32 and wide:  # 4-byte tiles: halve them to stay in registers
+        cfg = KernelConfig(block_m, 32, 32, 128, programs_per_sm=1, bwd_block_n=32, bwd_block_dk=32)
+    elif dtype == torch.float32:
+        cfg = KernelConfig(block_m, 32, d_pad, d_pad, bwd_block_m=32, bwd_block_n=32, bwd_num_stages=1)
+    elif wide:  # single head C=768: C chunks of 32 in q k^T, 256-wide output blocks (3 for C=768)
+        cfg = KernelConfig(block_m, block_n=32, block_dk=32, block_dv=256, programs_per_sm=1)
+    else:  # multi-head: the whole head in one tile, so K is read once when K is V
+        cfg = KernelConfig(
+            block_m, block_n=64, block_dk=d_pad, block_dv=d_pad, num_stages=3, bwd_num_stages=3
+        )
+    return replace(cfg, bwd_block_m=min(cfg.bwd_block_m, block_m))
+
+
+def num_splits(cfg: KernelConfig, n: int, programs_per_split: int, device: torch.device) -> int:
+    """Key splits so that the forward grid fills the GPU about once; capped by key blocks.
+
+    More splits would add parallelism but also partial (m, l, acc) traffic: at C=768, 22 splits
+    of fp32 partials are ~9% of the bytes of K itself.
+    """
+    if cfg.num_splits is not None:
+        return max(1, min(cfg.num_splits, triton.cdiv(n, cfg.block_n)))
+    if device.type == "cuda":
+        target = cfg.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    return max(1, min(triton.cdiv(n, cfg.block_n), triton.cdiv(target, programs_per_split)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (no tf32), so the fp32 error stays near 1e-6."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors view the very same elements (then K is read once)."""
+    return a is b or (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
