@@ -82,6 +82,7 @@ class RunLog:
         self.task = None
         self.tb = None
         self._t0 = time.perf_counter()
+        self.total_steps = total_steps
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,13 @@ class RunLog:
             self.tb.add_scalar("train/samples_per_s", samples_per_s, step)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=loss, lr=lr, sps=samples_per_s)
+        if not self.console.is_terminal and (step % max(1, self.total_steps // 20) == 0 or step == 1):
+            # A pipe or CI log shows no live bar: print a plain line every 5 % of the run instead.
+            elapsed = time.perf_counter() - self._t0
+            self.console.print(
+                f"step {step}/{self.total_steps}  epoch {epoch}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{samples_per_s:.1f} samples/s  elapsed {elapsed:.0f} s"
+            )
 
     def eval(self, step: int, scores: dict[str, Any]) -> None:
         """Record one evaluation: numeric scores to metrics.jsonl and TensorBoard."""
