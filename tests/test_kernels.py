@@ -1,7 +1,7 @@
 """Fused HILT attention vs the float64 eager reference: forward and backward, odd shapes, K is V.
 
 Without CUDA the kernels run in the Triton interpreter (fp32 / fp16 only: the interpreter returns
-garbage for bf16 dots). Every kernel output buffer is filled with NaN before launch, so an element
+garbage for bf16 dots); TRITON_INTERPRET is set per test, so other test modules do not inherit it. Every kernel output buffer is filled with NaN before launch, so an element
 a kernel forgets to write fails the comparison. bf16 cases are GPU-marked and skip without CUDA.
 """
 
@@ -15,16 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel launch (the kernels wrap lazily)
-
-import kernels  # noqa: E402
-from kernels.reference import hilt_attention_reference  # noqa: E402
+import kernels
+from kernels.reference import hilt_attention_reference
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 ka = importlib.import_module("kernels.hilt_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def interpreter_without_cuda(monkeypatch):
+    """No CUDA: run the kernels in Triton's interpreter (read at launch), for these tests only."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +211,7 @@ def test_bf16_on_gpu(shape_q, n, kv_same, scale):
     check_against_reference(q, k, v, scale, TOL[torch.bfloat16])
 
 
+@pytest.mark.slow
 def test_interpreter_works_when_triton_was_imported_first(tmp_path):
     """peft / bitsandbytes import triton before tests set TRITON_INTERPRET; kernels must still run."""
     script = (
