@@ -16,6 +16,7 @@ timings measure the interpreter, not a kernel, and only show that the command wo
 """
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -92,6 +93,11 @@ def implementations(use_compile: bool) -> dict[str, Callable]:
 
     impls = {"eager": hilt_attention_reference, "sdpa": sdpa_hilt}
     if use_compile:
+        # Every (rank, K-is-V, dtype) combination is its own graph: allow enough recompiles that
+        # no shape silently falls back to eager.
+        dynamo_config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         impls["compile"] = torch.compile(hilt_attention_reference)
     impls["triton"] = hilt_attention
     return impls
@@ -99,10 +105,11 @@ def implementations(use_compile: bool) -> dict[str, Callable]:
 
 def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
     """Extra Triton rows with other tile choices, to tune ``pick_config`` on a GPU (--sweep)."""
-    from kernels.hilt_attention import KernelConfig, hilt_attention, pick_config
+    from kernels.hilt_attention import hilt_attention
+    from kernels.launch import NARROW_HEAD, pick_config
 
     base = pick_config(shape.queries, shape.keys, shape.width, dtype, interpret=False)
-    if base.block_dv > 128:  # wide single head
+    if shape.width > NARROW_HEAD:  # wide single head
         variants = {
             "n64dk64": dict(block_n=64, block_dk=64),
             "dv128": dict(block_dv=128),
@@ -119,7 +126,7 @@ def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
         }
     out = {}
     for name, change in variants.items():
-        cfg = KernelConfig(**{**base.__dict__, **change})
+        cfg = dataclasses.replace(base, **change)
         out[f"triton[{name}]"] = lambda q, k, v, cfg=cfg: hilt_attention(q, k, v, config=cfg)
     return out
 
