@@ -78,7 +78,13 @@ def export_tensors(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("ds", ["zero2", "zero3"])
 def test_two_ranks_train_and_checkpoint(cache, tmp_path, ds):
+    """Both ZeRO stages train on two ranks; ZeRO-3 also evaluates (synced generate, gathered records)."""
     out = tmp_path / ds
+    evaluation = (
+        ["--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "6"]
+        if ds == "zero3"
+        else ["--no-eval"]
+    )
     cmd = [
         "deepspeed",
         "--num_gpus",
@@ -89,7 +95,7 @@ def test_two_ranks_train_and_checkpoint(cache, tmp_path, ds):
         "--ds",
         f"ds_configs/{ds}.json",
     ]
-    run(cmd + tiny_flags(cache, out, "--max-steps", "3", "--no-eval"))
+    run(cmd + tiny_flags(cache, out, "--max-steps", "3", *evaluation))
     losses = train_losses(out)
     assert [s for s, _ in losses] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
@@ -99,6 +105,10 @@ def test_two_ranks_train_and_checkpoint(cache, tmp_path, ds):
     assert any(tag.glob("*optim_states.pt"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
+    if ds == "zero3":  # 3 volumes in batches of 1 over 2 ranks: rank 0 two, rank 1 one (+ a padding call)
+        keys = [r["key"] for r in read_jsonl(out / "predictions.jsonl")]
+        assert len(keys) == 3 == len(set(keys)) and summary["final"]["n"] == 3
+        assert (out / "export" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_resume_after_sigkill_is_exact(cache, tmp_path):
