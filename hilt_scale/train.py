@@ -258,28 +258,46 @@ def constant_report(reports: list[str]) -> str:
     return Counter(reports).most_common(1)[0][0]
 
 
+def eval_batches(path: str, split: str, limit: int, batch: int, rank: int, world: int) -> Any:
+    """This rank's eval batches: the first ``limit`` volumes of the split (0 = all) dealt round-robin.
+
+    Every rank yields the same number of items (ZeRO-3 needs equal forward counts); a rank with
+    no volumes left yields None. Volumes are read one batch at a time, never all at once.
+    """
+    from shards.read import ShardSet
+
+    shard_set = ShardSet(path)
+    entries = shard_set.entries(split)[: limit or None]
+    mine = entries[rank::world]
+    for i in range(math.ceil(math.ceil(len(entries) / world) / batch)):
+        samples = [shard_set.read(*e) for e in mine[i * batch : (i + 1) * batch]]
+        if not samples:
+            yield None
+            continue
+        yield {
+            "key": [s["key"] for s in samples],
+            "hr": torch.from_numpy(np.stack([s["hr"] for s in samples]))[:, None],
+            "report": [s["report"] for s in samples],
+        }
+
+
 def evaluate(engine: Any, cfg: TrainConfig, eval_path: str, step: int, rank: int, world: int) -> dict | None:
     """Generate reports for the eval split on all ranks, gather on rank 0, score, write predictions."""
     import torch.distributed as dist
 
-    from shards.read import ShardLoader
-
     model = engine.module
-    loader = ShardLoader(eval_path, split=cfg.eval_split, batch_size=cfg.eval_batch, shuffle=False)
-    batches = list(_take(loader, cfg.eval_limit))
-    mine = batches[rank::world]
     stage3 = engine.zero_optimization_stage() == 3
-    # ZeRO-3: every rank must run the same number of forwards; pad with a repeat, synced_gpus keeps
-    # ranks that finish early stepping until all have.
-    rounds = math.ceil(len(batches) / world) if stage3 else len(mine)
+    # ZeRO-3: parameters are sharded, so every rank joins every forward; synced_gpus keeps a rank
+    # whose reports ended early stepping until all have, and an idle rank generates for a dummy.
     kwargs = {"synced_gpus": True} if stage3 and world > 1 else {}
+    hr_size = tuple(model.cfg.resolution.hr_size)
     records = []
-    for i in range(rounds):
-        batch = mine[i] if i < len(mine) else batches[0]
-        texts = model.generate(
-            batch["hr"], max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs
-        )
-        if i < len(mine):
+    for batch in eval_batches(eval_path, cfg.eval_split, cfg.eval_limit, cfg.eval_batch, rank, world):
+        if batch is None and not stage3:
+            continue
+        hr = batch["hr"] if batch is not None else torch.zeros((1, 1, *hr_size), dtype=torch.uint8)
+        texts = model.generate(hr, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs)
+        if batch is not None:
             records += [
                 {"key": k, "reference": r, "generated": g}
                 for k, r, g in zip(batch["key"], batch["report"], texts)
@@ -295,19 +313,6 @@ def evaluate(engine: Any, cfg: TrainConfig, eval_path: str, step: int, rank: int
     write_jsonl_atomic(Path(cfg.out) / "predictions.jsonl", records)
     scores = evaluate_records(records)
     return {"step": step, "n": len(records), **scores}
-
-
-def _take(loader: Any, limit: int) -> Any:
-    """Batches of ``loader`` until ``limit`` samples (0 = all), the last batch cut to size."""
-    seen = 0
-    for batch in loader:
-        if limit and seen >= limit:
-            return
-        if limit and seen + len(batch["key"]) > limit:
-            keep = limit - seen
-            batch = {k: v[:keep] for k, v in batch.items()}
-        seen += len(batch["key"])
-        yield batch
 
 
 def prepare_data(cfg: TrainConfig, rank: int, local_rank: int) -> tuple[str, str | None]:

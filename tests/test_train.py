@@ -109,3 +109,34 @@ def test_runlog_truncates_rows_after_the_resume_step(tmp_path):
     log = RunLog(tmp_path, enabled=True, total_steps=4, start_step=2)
     log.close()
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> str:
+    from hilt_scale.defaults import build_default
+
+    shards, _ = build_default(tmp_path_factory.mktemp("cache"), 20, (8, 16, 16), seed=1)
+    return shards
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_batches_deal_each_volume_once_with_equal_counts_per_rank(small_shards, world):
+    from hilt_scale.defaults import split_reports
+    from hilt_scale.train import eval_batches
+
+    per_rank = [list(eval_batches(small_shards, "valid", 3, 1, r, world)) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # ZeRO-3 needs the same number of generate calls
+    keys = [k for batches in per_rank for b in batches if b is not None for k in b["key"]]
+    index = json.loads((Path(small_shards) / "index.json").read_text())
+    valid = [k for s in index["shards"] if s["split"] == "valid" for k in s["keys"]]
+    assert sorted(keys) == sorted(valid[:3])
+    everything = [b for b in eval_batches(small_shards, "valid", 0, 2, 0, 1)]
+    assert sum(len(b["key"]) for b in everything) == len(valid) == len(split_reports(small_shards, "valid"))
+    assert everything[0]["hr"].shape[1:] == (1, 8, 16, 16) and everything[0]["hr"].dtype == torch.uint8
+
+
+def test_split_reports_names_a_missing_index(tmp_path):
+    from hilt_scale.defaults import split_reports
+
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        split_reports(tmp_path, "train")
