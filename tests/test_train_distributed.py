@@ -76,16 +76,8 @@ def export_tensors(out: Path) -> dict[str, torch.Tensor]:
     return {**tensors, **{f"adapter.{k}": v for k, v in adapter.items()}}
 
 
-@pytest.mark.parametrize("ds", ["zero2", "zero3"])
-def test_two_ranks_train_and_checkpoint(cache, tmp_path, ds):
-    """Both ZeRO stages train on two ranks; ZeRO-3 also evaluates (synced generate, gathered records)."""
-    out = tmp_path / ds
-    evaluation = (
-        ["--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "6"]
-        if ds == "zero3"
-        else ["--no-eval"]
-    )
-    cmd = [
+def deepspeed_two_ranks(ds: str) -> list[str]:
+    return [
         "deepspeed",
         "--num_gpus",
         "2",
@@ -95,7 +87,10 @@ def test_two_ranks_train_and_checkpoint(cache, tmp_path, ds):
         "--ds",
         f"ds_configs/{ds}.json",
     ]
-    run(cmd + tiny_flags(cache, out, "--max-steps", "3", *evaluation))
+
+
+def check_two_rank_run(out: Path) -> dict:
+    """3 finite losses, a complete checkpoint with both ranks' resume state, a summary of 2 ranks."""
     losses = train_losses(out)
     assert [s for s, _ in losses] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
@@ -105,10 +100,32 @@ def test_two_ranks_train_and_checkpoint(cache, tmp_path, ds):
     assert any(tag.glob("*optim_states.pt"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
-    if ds == "zero3":  # 3 volumes in batches of 1 over 2 ranks: rank 0 two, rank 1 one (+ a padding call)
-        keys = [r["key"] for r in read_jsonl(out / "predictions.jsonl")]
-        assert len(keys) == 3 == len(set(keys)) and summary["final"]["n"] == 3
-        assert (out / "export" / "adapter" / "adapter_model.safetensors").exists()
+    return summary
+
+
+@pytest.fixture(scope="module")
+def zero3_run(cache, tmp_path_factory) -> Path:
+    """ZeRO-3 on two ranks, evaluating 3 volumes in batches of 1 (rank 1 makes one padding call)."""
+    out = tmp_path_factory.mktemp("zero3") / "run"
+    flags = ("--max-steps", "3", "--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "12")
+    run(deepspeed_two_ranks("zero3") + tiny_flags(cache, out, *flags))
+    return out
+
+
+def test_zero2_two_ranks_train_and_checkpoint(cache, tmp_path):
+    out = tmp_path / "zero2"
+    run(deepspeed_two_ranks("zero2") + tiny_flags(cache, out, "--max-steps", "3", "--no-eval"))
+    check_two_rank_run(out)
+
+
+def test_zero3_two_ranks_train_checkpoint_and_evaluate(zero3_run):
+    summary = check_two_rank_run(zero3_run)
+    keys = [r["key"] for r in read_jsonl(zero3_run / "predictions.jsonl")]
+    assert len(keys) == 3 == len(set(keys)) and summary["final"]["n"] == 3
+    assert {"average", "ce_micro_f1"} <= set(summary["final"]) and "average" in summary[
+        "baseline_constant_report"
+    ]
+    assert (zero3_run / "curves.png").stat().st_size > 1000
 
 
 def test_resume_after_sigkill_is_exact(cache, tmp_path):
@@ -162,19 +179,12 @@ def test_two_nodes_on_loopback_see_each_sample_once(cache, tmp_path):
     assert seen[0] and seen[1] and not set(seen[0]) & set(seen[1])
 
 
-def test_export_reloads_and_generate_reproduces_predictions(cache, tmp_path):
-    out = tmp_path / "run"
-    flags = ("--max-steps", "4", "--eval-limit", "3", "--eval-batch", "2", "--max-new-tokens", "12")
-    run([sys.executable, TRAIN, "--ds", "ds_configs/zero2.json", *tiny_flags(cache, out, *flags)])
+def test_export_reloads_and_generate_reproduces_predictions(cache, zero3_run, tmp_path):
+    """The ZeRO-3 run's export, loaded in a fresh process without DeepSpeed, gives its predictions."""
+    out = zero3_run
     predictions = {r["key"]: r for r in read_jsonl(out / "predictions.jsonl")}
-    assert len(predictions) == 3
-    summary = json.loads((out / "summary.json").read_text())
-    assert {"average", "ce_micro_f1"} <= set(summary["final"]) and "average" in summary[
-        "baseline_constant_report"
-    ]
-    assert (out / "curves.png").stat().st_size > 1000
     shards, _ = build_default(cache, N, SIZE, 0)
-    # A fresh process without DeepSpeed: shard-set input, then one NIfTI file of the same volume.
+    # Shard-set input, then one NIfTI file of the same volume.
     run(
         [sys.executable, "-m", "hilt_scale.generate", "--run", str(out), shards, "--out", str(tmp_path / "g")]
     )
