@@ -193,12 +193,16 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
     axes[0].set(title="training loss", xlabel="optimizer step", ylabel="loss")
     axes[0].set_yscale("log")
-    for key, label in (("average", "average of 9 metrics"), ("ce_micro_f1", "finding F1 (micro)")):
-        pts = [(r["step"], r[key]) for r in evals if key in r]
+    for key, label, factor in (
+        ("average", "average of 9 metrics", 1),
+        ("ce_micro_f1", "finding F1 micro x100", 100),
+    ):
+        pts = [(r["step"], r[key] * factor) for r in evals if key in r]
         if pts:
             axes[1].plot(*zip(*pts), marker="o", label=label)
-    axes[1].set(title="validation", xlabel="optimizer step", ylabel="score (0-100)")
-    axes[1].legend(loc="best")
+    axes[1].set(title="validation", xlabel="optimizer step", ylabel="score")
+    if axes[1].lines:
+        axes[1].legend(loc="best")
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")

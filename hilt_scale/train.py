@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         )
     total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
     ds_config = fill_ds_config(cfg.ds, ds_values(cfg, world, total))
+    if not torch.cuda.is_available():  # offload configs on CPU: torch AdamW instead of DeepSpeedCPUAdam
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
