@@ -346,6 +346,24 @@ class HiltReportModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
 
     @torch.no_grad()
+    def image_dependence(self, batch: dict) -> dict[str, float]:
+        """Loss with each sample's own volume vs with the batch's volumes rolled by one.
+
+        A model that reads the image has ``shuffled`` clearly above ``real``; equal values mean the
+        LLM writes the report from its language prior alone. Needs a batch of at least 2.
+        """
+        if batch["hr"].shape[0] < 2:
+            raise ValueError("image_dependence needs a batch of at least 2 volumes")
+        was_training = self.training
+        self.eval()
+        try:
+            real = self(batch).item()
+            shuffled = self({**batch, "hr": batch["hr"].roll(1, dims=0)}).item()
+        finally:
+            self.train(was_training)
+        return {"real": real, "shuffled": shuffled, "gap": shuffled - real}
+
+    @torch.no_grad()
     def generate(
         self,
         hr: torch.Tensor,

@@ -154,6 +154,12 @@ def test_overfit_one_batch_gradients_generation_and_export(tokenizer, tmp_path):
     assert greedy == beam
     assert greedy == REPORTS[:2]
     assert model.training  # generate restores the mode
+    # The overfit model reads the image: swapping the two volumes makes its reports unlikely.
+    dep = model.image_dependence(batch)
+    assert model.training  # image_dependence restores the mode too
+    model.eval()
+    assert dep["real"] == pytest.approx(model(batch).item(), rel=1e-5)
+    assert dep["shuffled"] > 1.5 * dep["real"] and dep["gap"] == pytest.approx(dep["shuffled"] - dep["real"])
     # The export rebuilds the same model: random-init base, LoRA + lm_head adapter, ViT + connector.
     save_export(model, tmp_path / "export")
     again = load_export(tmp_path / "export")
