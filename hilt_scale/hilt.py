@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hilt_scale.config import ConnectorConfig, Size3
+from kernels.reference import hilt_attention_reference
 
 _warned: set[str] = set()
 
@@ -75,10 +76,7 @@ def hilt_attention(
         )
         impl = "sdpa"
     if impl == "eager":
-        # Softmax in at least fp32 (bf16 logits lose too much), in fp64 when given fp64.
-        scores = torch.matmul(q, kv.transpose(-1, -2)) * scale
-        attn = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-        return q + torch.matmul(attn.to(q.dtype), kv)
+        return hilt_attention_reference(q, kv, kv, scale=scale)
     if impl == "sdpa":
         return q + F.scaled_dot_product_attention(q, kv, kv, scale=scale)
     raise ValueError(f"connector.attn_impl={impl!r}; expected eager, sdpa or triton")

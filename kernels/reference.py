@@ -19,5 +19,6 @@ def hilt_attention_reference(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    attn = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return q + torch.matmul(attn, v)
+    # Softmax in at least fp32 (bf16 logits lose too much) and in fp64 when given fp64.
+    attn = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    return q + torch.matmul(attn.to(q.dtype), v)
