@@ -293,7 +293,11 @@ class HiltReportModel(nn.Module):
             hr = hr.unsqueeze(1)
         if hr.dim() != 5 or hr.shape[1] != 1:
             raise ValueError(f"hr must be [B, 1, D, H, W] (or [B, D, H, W]), got shape {tuple(hr.shape)}")
-        x = to_unit_range(hr.to(device, non_blocking=True))
+        # Centre to [-1, 1]: the ViT's LayerNorms remove a token's scale, so with inputs in [0, 1] a
+        # dark (air, lung) and a bright (fluid, tissue) uniform patch look alike; centred, they
+        # point opposite ways. Measured on the phantom: a linear probe on the ViT learns the
+        # findings with centred input and stays at the majority class with [0, 1] input.
+        x = to_unit_range(hr.to(device, non_blocking=True)) * 2.0 - 1.0
         z_hr = z_lr = None
         hr_grid = self.vision.grid_of(x.shape[-3:]) if self.connector.needs_hr else (0, 0, 0)
         if self.connector.needs_lr:

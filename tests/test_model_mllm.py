@@ -46,7 +46,7 @@ def tokenizer():
 def loader_batch(n=2):
     hr = torch.zeros(n, 1, 16, 32, 32, dtype=torch.uint8)
     for i in range(n):
-        hr[i] = 100 * i  # distinct volumes so the report depends on the image
+        hr[i, :, :, :, 8 * i : 8 * i + 8] = 200  # a bright slab in a different place per volume
     return {"key": [f"k{i}" for i in range(n)], "hr": hr, "report": REPORTS[:n], "meta": [{}] * n}
 
 
@@ -132,7 +132,7 @@ def test_overfit_one_batch_gradients_generation_and_export(tokenizer, tmp_path):
     params = [p for _, p in model.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=3e-3)
     losses = []
-    for step in range(40):
+    for step in range(60):
         loss = model(batch)
         opt.zero_grad()
         loss.backward()
