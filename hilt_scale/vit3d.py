@@ -6,6 +6,8 @@ as the HILT paper does for the LR view; attention uses torch SDPA.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,15 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def patchify(volume: torch.Tensor, patch_size: Size3) -> torch.Tensor:
+    """[B, C, D, H, W] -> [B, N, C*pd*ph*pw]: non-overlapping patches in (d, h, w) raster order."""
+    b, c, d, h, w = volume.shape
+    pd, ph, pw = patch_size
+    x = volume.reshape(b, c, d // pd, pd, h // ph, ph, w // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return x.reshape(b, (d // pd) * (h // ph) * (w // pw), c * pd * ph * pw)
+
+
 class ViT3D(nn.Module):
     """Patchify a [B, C_in, D, H, W] volume into tokens and encode them; returns [B, N, width]."""
 
@@ -55,7 +66,9 @@ class ViT3D(nn.Module):
         self.patch_size = tuple(patch_size)
         self.hr_grid = tuple(hr_grid)
         self.width = cfg.width
-        self.patch_embed = nn.Conv3d(in_channels, cfg.width, kernel_size=patch_size, stride=patch_size)
+        # A linear map of each flattened patch: the same function as a Conv3d with stride = kernel,
+        # ~70x faster forward + backward on CPU (measured at batch 4, vit-micro, cpu-tiny).
+        self.patch_embed = nn.Linear(in_channels * math.prod(patch_size), cfg.width)
         n = hr_grid[0] * hr_grid[1] * hr_grid[2]
         self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -79,7 +92,7 @@ class ViT3D(nn.Module):
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         token_grid = self.grid_of(volume.shape[-3:])
-        x = self.patch_embed(volume.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        x = self.patch_embed(patchify(volume.to(self.patch_embed.weight.dtype), self.patch_size))
         x = x + self.pos_embed_for(token_grid)
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -12,7 +12,7 @@ from hilt_scale.config import ConnectorConfig, VisionConfig, model_config
 from hilt_scale.connectors import build_connector
 from hilt_scale.hilt import HiltConnector, hilt_attention
 from hilt_scale.mllm import build_vision
-from hilt_scale.vit3d import ViT3D
+from hilt_scale.vit3d import ViT3D, patchify
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,6 +84,18 @@ def test_vit_rejects_volume_not_multiple_of_patch():
     vit = ViT3D(VisionConfig(width=8, depth=1, heads=2), (2, 4, 4), (4, 4, 4))
     with pytest.raises(ValueError, match="patch size"):
         vit(torch.zeros(1, 1, 8, 8, 10))
+
+
+def test_patch_embedding_equals_strided_conv3d():
+    """The linear patch embedding is a Conv3d with kernel = stride = patch, token order (d, h, w)."""
+    torch.manual_seed(0)
+    patch = (2, 4, 3)
+    vit = ViT3D(VisionConfig(width=5, depth=1, heads=1), patch, (3, 2, 4)).double()
+    volume = torch.randn(2, 1, 6, 8, 12, dtype=torch.float64)
+    weight = vit.patch_embed.weight.reshape(5, 1, *patch)
+    want = F.conv3d(volume, weight, vit.patch_embed.bias, stride=patch).flatten(2).transpose(1, 2)
+    got = vit.patch_embed(patchify(volume, patch))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_vit_checkpointing_gives_same_gradients():
