@@ -23,7 +23,7 @@ import numpy as np
 from hilt_scale import metrics
 from hilt_scale.abnormalities import CLASSES
 from hilt_scale.labeler import clinical_efficacy, label_reports
-from hilt_scale.runlog import write_json_atomic
+from hilt_scale.runlog import read_jsonl, write_json_atomic
 
 FIELDS = ("key", "reference", "generated")
 
@@ -123,19 +123,7 @@ def _interval(values: list[float]) -> list[float]:
 
 def read_predictions(path: Path) -> list[dict]:
     """Read a predictions JSONL; a bad line raises ValueError naming the file and line."""
-    records = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+    records = read_jsonl(path)
     if not records:
         raise ValueError(f"{path}: no records")
     check_records(records, str(path))

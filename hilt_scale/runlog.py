@@ -57,16 +57,20 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; a malformed line raises ValueError naming the file and line."""
+    """Read a JSON-lines file; a line that is not UTF-8 or not JSON raises ValueError naming file and line."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+                raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg})") from exc
     return rows
 
 
