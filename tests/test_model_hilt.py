@@ -15,15 +15,6 @@ from hilt_scale.mllm import build_vision
 from hilt_scale.vit3d import ViT3D, patchify
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core box: intra-op threads only contend (40 steps took 128 s, not 0.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def paper_formula_fp64(q, k, scale, fc1, fc2):
     """Z = F(Q + softmax(Q K^T * s) K) with F = fc2(gelu(fc1(.))), written out in float64."""
     q, k = q.double(), k.double()

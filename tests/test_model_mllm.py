@@ -25,15 +25,6 @@ REPORTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core box: intra-op threads only contend (40 steps took 128 s, not 0.6 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def micro_cfg(**overrides):
     return model_config(llm="llm-micro", resolution="cpu-micro", overrides=overrides)
 
