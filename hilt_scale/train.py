@@ -88,7 +88,7 @@ class TrainConfig:
 # LLM weights. They apply only when --data is absent and the flag is not given explicitly.
 PHANTOM_DEFAULTS = {
     "lr": 1e-3,
-    "epochs": 12.0,
+    "epochs": 30.0,
     "micro_batch": 4,
     "total_batch": 8,
     "eval_every": 0,
