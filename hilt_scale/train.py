@@ -493,7 +493,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         log.eval(step, scores)
         baseline = baseline_scores(data_path, cfg)
     plot_curves(out / "metrics.jsonl", out / "curves.png")
+    mcfg = model.cfg
     summary = {
+        # The paper-table columns that `python -m hilt_scale.evaluate --compare` reads.
+        "method": mcfg.connector.kind,
+        "hr_size": list(mcfg.resolution.hr_size),
+        "visual_tokens": model.num_visual_tokens,
+        "llm": mcfg.llm.name,
         "steps": step,
         "world_size": world,
         "wall_s": round(time.perf_counter() - t_start, 1),

@@ -126,6 +126,8 @@ def test_zero3_two_ranks_train_checkpoint_and_evaluate(zero3_run):
         "baseline_constant_report"
     ]
     assert (zero3_run / "curves.png").stat().st_size > 1000
+    # Paper-table columns for `evaluate --compare`: cpu-micro LR 8x16x16 / patch 4x8x8 = 2*2*2 tokens.
+    assert (summary["method"], summary["hr_size"], summary["visual_tokens"]) == ("hilt", [16, 32, 32], 8)
 
 
 def test_resume_after_sigkill_is_exact(cache, tmp_path):
