@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hilt_scale import metrics
-from hilt_scale.abnormalities import CLASSES
+from shards.schema import CLASSES
 from hilt_scale.labeler import clinical_efficacy, label_reports
 from hilt_scale.runlog import read_jsonl, write_json_atomic
 

@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from hilt_scale.abnormalities import CLASSES
+from shards.schema import CLASSES
 
 # Phrases that mention each class, as regular expressions over lowercased text. A phrase is a
 # mention; whether the mention asserts the finding is decided by the negation rules below.

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from nibabel import orientations
 
+from shards.schema import HU_WINDOW
+
 # nibabel axis codes of the canonical (W, H, D) = NIfTI (i, j, k) order: +i -> L, +j -> P, +k -> I.
 CANONICAL_AXCODES = ("L", "P", "I")
 ORIENTATION = ("superior->inferior", "anterior->posterior", "right->left")
-HU_WINDOW = (-1000.0, 200.0)
 DTYPES = {"uint8": np.uint8, "int16": np.int16}
 SPLIT_FRACTIONS = (("train", 0.7), ("valid", 0.1), ("test", 0.2))
 MIN_TOKENS, MAX_TOKENS = 10, 512

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import multiprocessing
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +24,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from hilt_scale.abnormalities import CLASSES
+from shards.io import atomic_write, write_bytes_atomic
 from shards.phantom_report import pick, write_report
+from shards.schema import CLASSES, parse_size
 
 # Field of view in mm (z, y, x) that the grid covers whatever its size; spacing = FOV / size.
 FOV_MM = (300.0, 360.0, 360.0)
@@ -335,11 +336,8 @@ def save_nifti(hu: np.ndarray, spacing: tuple[float, float, float], path: Path) 
     img = nib.Nifti1Image(data, np.diag([-sx, -sy, sz, 1.0]))
     img.header.set_slope_inter(SLOPE, INTERCEPT)
     img.header.set_xyzt_units("mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.nii.gz")
-    img.to_filename(tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    # gzip with mtime 0: the same seed gives the same bytes on every machine and run.
+    write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
 def _one(args: tuple[str, int, str, tuple[int, int, int], int, int, float]) -> dict:
@@ -376,14 +374,10 @@ def _one(args: tuple[str, int, str, tuple[int, int, int], int, int, float]) -> d
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     """Write a CSV atomically (temp file in the same directory, then os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_write(path) as fh:
         w = csv.DictWriter(fh, fieldnames=list(columns))
         w.writeheader()
         w.writerows(rows)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def generate_phantom(
@@ -438,14 +432,6 @@ def generate_phantom(
         "size": list(size),
         "positives": counts,
     }
-
-
-def parse_size(text: str) -> tuple[int, int, int]:
-    """Parse 'D,H,W' into a tuple of three ints."""
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"size must be D,H,W, got {text!r}")
-    return parts[0], parts[1], parts[2]
 
 
 def main(argv: list[str] | None = None) -> None:

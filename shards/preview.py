@@ -10,8 +10,6 @@ Usage: python -m shards.preview INPUT [--key KEY] [--hr-size D,H,W] --out PNG
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -20,8 +18,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shards.ingest import HU_WINDOW, Record, load_canonical, preprocess  # noqa: E402
-from shards.phantom import parse_size  # noqa: E402
+from shards.ingest import Record, load_canonical, preprocess  # noqa: E402
+from shards.io import atomic_write  # noqa: E402
+from shards.schema import HU_WINDOW, parse_size  # noqa: E402
 
 
 def _views(arr: np.ndarray, spacing: tuple[float, float, float]):
@@ -54,13 +53,9 @@ def save_preview(
         ax.text(0.98, 0.5, right, ha="right", va="center", **kw)
     fig.suptitle(title or f"shape {arr.shape}, spacing {tuple(round(s, 2) for s in spacing)} mm")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=80)
+    with atomic_write(out, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=80)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
     return out
 
 

@@ -20,7 +20,6 @@ import math
 import multiprocessing
 import os
 import tarfile
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -31,7 +30,6 @@ import zstandard
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shards.ingest import (
-    HU_WINDOW,
     ORIENTATION,
     DataError,
     Record,
@@ -43,7 +41,8 @@ from shards.ingest import (
     preprocess,
     source_records,
 )
-from shards.phantom import parse_size
+from shards.io import atomic_write, write_json_atomic
+from shards.schema import HU_WINDOW, parse_size
 
 INDEX_VERSION = 1
 PARTS_DIR = ".parts"  # per-shard info of finished shards, so a rerun can skip them
@@ -116,28 +115,24 @@ def write_one_shard(job: dict) -> dict:
     out = Path(job["out"])
     name = job["name"]
     summary = Summary(found=len(job["records"]))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for r in job["records"]:
-                rec = Record(**{**r, "path": Path(r["path"])})
-                try:
-                    meta, vol, txt = encode_sample(
-                        rec, job["hr_size"], job["dtype"], job["target_spacing"], job["zstd_level"]
-                    )
-                except DataError as e:
-                    handle(e, job["on_error"], summary)
-                    continue
-                _add(tf, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
-                _add(tf, f"{rec.key}.txt", txt)
-                _add(tf, f"{rec.key}.vol.zst", vol)
-                summary.kept += 1
-        final = out / name
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    final = out / name
+    with (
+        atomic_write(final, "wb") as fh,
+        tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tf,
+    ):
+        for r in job["records"]:
+            rec = Record(**{**r, "path": Path(r["path"])})
+            try:
+                meta, vol, txt = encode_sample(
+                    rec, job["hr_size"], job["dtype"], job["target_spacing"], job["zstd_level"]
+                )
+            except DataError as e:
+                handle(e, job["on_error"], summary)
+                continue
+            _add(tf, f"{rec.key}.json", json.dumps(meta, sort_keys=True).encode())
+            _add(tf, f"{rec.key}.txt", txt)
+            _add(tf, f"{rec.key}.vol.zst", vol)
+            summary.kept += 1
     keys, members = shard_members(final)
     info = {
         "name": name,
@@ -150,18 +145,8 @@ def write_one_shard(job: dict) -> dict:
         "summary": summary.as_dict(),
         "params": job["params"],
     }
-    _write_json(out / PARTS_DIR / f"{name}.json", info)
+    write_json_atomic(out / PARTS_DIR / f"{name}.json", info)
     return info
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically: temp file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _finished(out: Path, name: str, params: dict) -> dict | None:
@@ -278,7 +263,7 @@ def write_shards(
             "errors": errors[:50],
         },
     }
-    _write_json(out / "index.json", index)
+    write_json_atomic(out / "index.json", index)
     return index
 
 

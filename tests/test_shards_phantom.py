@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hilt_scale.abnormalities import CLASSES
+from shards.schema import CLASSES
 from shards.ingest import Record, load_canonical
 from shards.phantom import PHANTOM_CLASSES, Grid, generate_phantom, make_volume, volume_path
 
