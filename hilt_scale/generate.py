@@ -101,7 +101,7 @@ def generate_reports(
 
 def load_run(run: str | Path) -> tuple[Any, dict]:
     """The exported model of a run directory (no DeepSpeed) and the run's training config."""
-    from hilt_scale.mllm import load_export
+    from hilt_scale.model.export import load_export
 
     export = Path(run) / "export"
     if not (export / "config.json").exists():
@@ -117,7 +117,7 @@ def load_run(run: str | Path) -> tuple[Any, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: generate reports for INPUT with RUNDIR's export; write PREFIX.jsonl and PREFIX.txt."""
-    from hilt_scale.runlog import write_jsonl_atomic, write_text_atomic
+    from shards.io import write_jsonl_atomic, write_text_atomic
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory (its export/ is loaded)")

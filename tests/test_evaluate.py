@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hilt_scale import evaluate, labeler, metrics
+from hilt_scale import score
+from hilt_scale.evaluation import labeler, metrics, scoring
 
 REFS = [
     "Bilateral pleural effusion is observed. Cardiomegaly.",
@@ -31,7 +32,7 @@ def _records(refs=REFS, gens=GENS) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def scored() -> dict:
-    return evaluate.evaluate_records(_records(), bootstrap=200, seed=1)
+    return scoring.evaluate_records(_records(), bootstrap=200, seed=1)
 
 
 def test_scores_combine_text_metrics_and_clinical_efficacy(scored) -> None:
@@ -60,7 +61,7 @@ def test_bootstrap_intervals_bracket_the_estimates_and_repeat(scored) -> None:
         assert low < high
     low, high = scored["ci95"]["average"]
     assert 0 <= low < high  # CIDEr-D x 100 can pass 100, so the average has no upper bound of 100
-    again = evaluate.evaluate_records(_records(), bootstrap=200, seed=1)
+    again = scoring.evaluate_records(_records(), bootstrap=200, seed=1)
     assert again["ci95"] == scored["ci95"]
 
 
@@ -98,14 +99,14 @@ def test_bad_prediction_files_fail_naming_file_and_line(
     path = tmp_path / "pred.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(ValueError, match=message):
-        evaluate.read_predictions(path)
+        scoring.read_predictions(path)
 
 
 def test_cli_prints_table_and_json_line_and_writes_out(tmp_path: Path, capsys) -> None:
     pred = tmp_path / "pred.jsonl"
     pred.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
     out = tmp_path / "m" / "metrics.json"
-    evaluate.main([str(pred), "--out", str(out)])
+    score.main([str(pred), "--out", str(out)])
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[0].startswith("| metric |")
     last = json.loads(printed[-1])
@@ -114,7 +115,7 @@ def test_cli_prints_table_and_json_line_and_writes_out(tmp_path: Path, capsys) -
     assert "ce_per_class" in saved and "ce_per_class" not in last
     with pytest.raises(SystemExit, match="error: .*no records"):
         (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-        evaluate.main([str(tmp_path / "empty.jsonl")])
+        score.main([str(tmp_path / "empty.jsonl")])
 
 
 def test_compare_builds_the_paper_table(tmp_path: Path) -> None:
@@ -146,9 +147,9 @@ def test_compare_builds_the_paper_table(tmp_path: Path) -> None:
         json.dumps({"final": None, "eval_split": "valid"}), encoding="utf-8"
     )
     assert (
-        evaluate.compare_table([unevaluated]).splitlines()[2] == "| crashed | n/a | n/a | n/a | n/a | n/a |"
+        scoring.compare_table([unevaluated]).splitlines()[2] == "| crashed | n/a | n/a | n/a | n/a | n/a |"
     )
-    table = evaluate.compare_table([explicit, trainer]).splitlines()
+    table = scoring.compare_table([explicit, trainer]).splitlines()
     assert table[0] == (
         "| Method | Input resolution | Visual tokens | LLM | Average (ct-rate valid) | F1 (ct-rate valid) "
         "| Average (phantom) | F1 (phantom) | Average (valid) | F1 (valid) |"
@@ -156,4 +157,4 @@ def test_compare_builds_the_paper_table(tmp_path: Path) -> None:
     assert table[2] == "| HILT | 256x512x512 | 64 | llama3-8b | 31.23 | 0.457 | 50.00 | n/a | n/a | n/a |"
     assert table[3] == "| pool | 32x128x128 | n/a | llm-tiny | n/a | n/a | n/a | n/a | 12.50 | 0.100 |"
     with pytest.raises(ValueError, match=r"missing.*summary.json: cannot read"):
-        evaluate.compare_table([tmp_path / "missing"])
+        scoring.compare_table([tmp_path / "missing"])

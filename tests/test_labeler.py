@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hilt_scale import labeler
+from hilt_scale.evaluation import labeler
 from shards.schema import CLASSES
 
 DATA = Path(__file__).parents[2] / "shared" / "data" / "ctrate_text_labels" / "reports_labeled_800.csv"

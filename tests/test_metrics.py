@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hilt_scale import metrics
+from hilt_scale.evaluation import metrics
 
 DATA = Path(__file__).parents[2] / "shared" / "data" / "ctrate_text_labels" / "reports_labeled_800.csv"
 
@@ -98,7 +98,7 @@ def test_length_mismatch_is_an_error() -> None:
 
 def test_local_evaluate_module_loads_offline_and_agrees(monkeypatch) -> None:
     evaluate = pytest.importorskip("evaluate")
-    from hilt_scale.metric_modules import MODULE_PATH
+    from hilt_scale.evaluation.metric_modules import MODULE_PATH
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")

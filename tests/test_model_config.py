@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hilt_scale.config import (
+from hilt_scale.model.config import (
     LLM_PRESETS,
     VISION_PRESETS,
     apply_overrides,

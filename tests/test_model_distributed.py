@@ -17,8 +17,8 @@ pytest.importorskip("bitsandbytes")
 
 WORKER = r"""
 import json, sys, torch, deepspeed, torch.distributed as dist
-from hilt_scale.config import model_config
-from hilt_scale.mllm import build_model
+from hilt_scale.model.config import model_config
+from hilt_scale.model.mllm import build_model
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
 reports = ["Findings: The heart is normal in size.", "Findings: Mild emphysema in both lungs."]

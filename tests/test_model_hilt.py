@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hilt_scale.config import ConnectorConfig, VisionConfig, model_config
-from hilt_scale.connectors import build_connector
-from hilt_scale.hilt import HiltConnector, hilt_attention
-from hilt_scale.mllm import build_vision
-from hilt_scale.vit3d import ViT3D, patchify
+from hilt_scale.model.attention import hilt_attention
+from hilt_scale.model.config import ConnectorConfig, VisionConfig, model_config
+from hilt_scale.model.connectors import HiltConnector, build_connector
+from hilt_scale.model.mllm import build_vision
+from hilt_scale.model.vit3d import ViT3D, patchify
 
 
 def paper_formula_fp64(q, k, scale, fc1, fc2):

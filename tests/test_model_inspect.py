@@ -2,7 +2,7 @@
 
 import json
 
-from hilt_scale.inspect import main
+from hilt_scale.info import main
 
 PAPER = ["--vision", "vit-base", "--hr-size", "256,512,512", "--lr-size", "64,128,128"]
 

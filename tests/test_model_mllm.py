@@ -3,18 +3,15 @@
 import pytest
 import torch
 
-from hilt_scale.config import model_config
-from hilt_scale.mllm import (
+from hilt_scale.model.config import model_config
+from hilt_scale.model.export import load_export, load_vision, save_export, save_vision
+from hilt_scale.model.mllm import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
     ReportCollator,
     build_model,
     build_tokenizer,
-    load_export,
-    load_vision,
     prompt_token_parts,
-    save_export,
-    save_vision,
     to_unit_range,
 )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from hilt_scale.tokenizer import train_report_tokenizer
+from hilt_scale.model.tokenizer import train_report_tokenizer
 
 CSV = Path(__file__).parents[2] / "shared" / "data" / "ctrate_text_labels" / "reports_labeled_800.csv"
 SMALL = ["No pleural effusion. The heart is normal.", "Emphysema in both lungs; nodule 4 mm (right)."] * 5

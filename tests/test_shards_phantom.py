@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from shards.schema import CLASSES
 from shards.ingest import Record, load_canonical
 from shards.phantom import PHANTOM_CLASSES, Grid, generate_phantom, make_volume, volume_path
+from shards.schema import CLASSES
 
 SIZE = (32, 64, 64)
 
@@ -177,7 +177,7 @@ def test_small_nodules_vanish_after_4x_downsampling() -> None:
 
 
 def test_reports_match_labeler_when_available(phantom: Path) -> None:
-    labeler = pytest.importorskip("hilt_scale.labeler", reason="hilt_scale.labeler not built yet")
+    labeler = pytest.importorskip("hilt_scale.evaluation.labeler")
     rows = [
         r for s in ("train", "valid") for r in _rows(phantom / "radiology_text_reports" / f"{s}_reports.csv")
     ]

@@ -10,36 +10,48 @@ import numpy as np
 import pytest
 import torch
 
-from hilt_scale import checkpoint
-from hilt_scale.runlog import read_jsonl, write_jsonl_atomic
-from hilt_scale.train import (
-    PHANTOM_DEFAULTS,
-    TrainConfig,
-    constant_report,
-    fill_ds_config,
-    grad_accum,
-    parse_args,
-)
+from hilt_scale.recipes import RECIPES, phantom_cpu
+from hilt_scale.training import checkpoint
+from hilt_scale.training.config import TrainConfig, build_parser, parse_args
+from hilt_scale.training.data import constant_report
+from hilt_scale.training.distributed import ds_values, fill_ds_config, grad_accum
+from shards.io import read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).parents[1]
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
-def test_cli_flags_override_phantom_defaults_and_accept_local_rank():
+def test_cli_flags_override_the_recipe_and_accept_local_rank():
     cfg = parse_args(["--lr", "3e-4", "--set", "llm.lora_r=4", "--set", "vision.depth=1", "--local_rank=1"])
-    assert cfg.lr == 3e-4
-    assert cfg.epochs == PHANTOM_DEFAULTS["epochs"]  # no --data: phantom defaults apply
+    assert cfg.recipe == "phantom-cpu" and cfg.lr == 3e-4
+    assert cfg.epochs == phantom_cpu().epochs == 30.0  # the recipe's value where no flag is given
     assert cfg.set == ["llm.lora_r=4", "vision.depth=1"]
     assert cfg.local_rank == 1
-    real = parse_args(["--data", "/some/shards", "--no-eval"])
-    assert real.lr == TrainConfig().lr == 1e-4 and real.total_batch == 4 and real.micro_batch == 2
-    assert real.eval is False
+    # --data changes nothing else: no default depends on another flag.
+    own = parse_args(["--data", "/some/shards", "--no-eval"])
+    assert own.lr == phantom_cpu().lr and own.epochs == 30.0 and own.eval is False
+    real = parse_args(["--recipe", "ctrate-llama3-8b", "--data", "/d", "--epochs", "2"])
+    assert (real.lr, real.total_batch, real.epochs, real.data) == (1e-4, 4, 2.0, "/d")
+    assert (real.vision, real.llm, real.resolution) == ("vit-base", "llama3-8b", "paper")
+
+
+def test_every_recipe_builds_its_model_config_and_help_lists_them():
+    from hilt_scale.training.loop import run_model_config
+
+    for name, fn in RECIPES.items():
+        cfg = fn()
+        assert cfg.recipe == name
+        mcfg = run_model_config(cfg)  # presets and overrides resolve (meta shapes only, no weights)
+        assert mcfg.resolution.name == cfg.resolution
+    assert run_model_config(RECIPES["ctrate-llama3-70b-qlora"]()).llm.quantization == "nf4"
+    text = build_parser().format_help()
+    assert all(name in text for name in RECIPES)
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "no-such-recipe"])
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_every_auto_in_the_shipped_configs_is_filled(path):
-    from hilt_scale.train import ds_values
-
     cfg = fill_ds_config(path, ds_values(TrainConfig(), world=2, total_steps=100))
     text = json.dumps(cfg)
     assert '"auto"' not in text
@@ -101,7 +113,7 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
 
 
 def test_runlog_truncates_rows_after_the_resume_step(tmp_path):
-    from hilt_scale.runlog import RunLog
+    from hilt_scale.training.runlog import RunLog
 
     write_jsonl_atomic(
         tmp_path / "metrics.jsonl", [{"kind": "train", "step": s, "loss": 1.0} for s in (1, 2, 3, 4)]
@@ -113,7 +125,7 @@ def test_runlog_truncates_rows_after_the_resume_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory) -> str:
-    from hilt_scale.defaults import build_default
+    from hilt_scale.training.data import build_default
 
     shards, _ = build_default(tmp_path_factory.mktemp("cache"), 20, (8, 16, 16), seed=1)
     return shards
@@ -121,8 +133,7 @@ def small_shards(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_batches_deal_each_volume_once_with_equal_counts_per_rank(small_shards, world):
-    from hilt_scale.defaults import split_reports
-    from hilt_scale.train import eval_batches
+    from hilt_scale.training.data import eval_batches, split_reports
 
     per_rank = [list(eval_batches(small_shards, "valid", 3, 1, r, world)) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # ZeRO-3 needs the same number of generate calls
@@ -136,7 +147,7 @@ def test_eval_batches_deal_each_volume_once_with_equal_counts_per_rank(small_sha
 
 
 def test_split_reports_names_a_missing_index(tmp_path):
-    from hilt_scale.defaults import split_reports
+    from hilt_scale.training.data import split_reports
 
     with pytest.raises(FileNotFoundError, match="index.json"):
         split_reports(tmp_path, "train")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hilt_scale.defaults import build_default
-from hilt_scale.runlog import read_jsonl
+from hilt_scale.training.data import build_default
+from shards.io import read_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,6 @@ training loop calls the same methods everywhere and never checks the rank itself
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,54 +22,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from hilt_scale.metrics import METRIC_NAMES
+from hilt_scale.evaluation.metrics import METRIC_NAMES
+from shards.io import atomic_write, read_jsonl, write_jsonl_atomic
 
 # The table's rows: the nine text metrics, their average, finding-level F1 (clinical efficacy).
 METRIC_COLUMNS = (*METRIC_NAMES, "average", "ce_micro_f1", "ce_macro_f1")
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
-    """Write rows as JSON lines to ``path`` atomically."""
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; a line that is not UTF-8 or not JSON raises ValueError naming file and line."""
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg})") from exc
-    return rows
 
 
 class RunLog:
@@ -100,6 +55,8 @@ class RunLog:
             self.tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=start_step or None)
         except ImportError:
             self.tb = None
+        if not self.console.is_terminal:
+            return  # a pipe or CI log: plain lines from step(), never a bar cut to the log's width
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -208,11 +165,9 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
     if axes[1].lines:
         axes[1].legend(loc="best")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
 
 
 def score_table(rows: dict[str, dict[str, Any]], title: str) -> Table:

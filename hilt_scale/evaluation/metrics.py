@@ -88,7 +88,7 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
 
     Returns ``{"corpus": {metric: value}, "per_report": {metric: [value per report]},
     "bleu_stats": [[testlen, reflen, guess1..4, correct1..4] per report], "unavailable": {...}}``;
-    the per-report values and BLEU statistics let ``hilt_scale.evaluate`` bootstrap over reports.
+    the per-report values and BLEU statistics let ``hilt_scale.score`` bootstrap over reports.
     """
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")

@@ -1,10 +1,13 @@
-"""The paper's connector ablations beside HILT, and ``build_connector`` that picks one by name.
+"""Connectors: how ViT tokens become the LLM's visual tokens, HILT and the paper's ablations.
 
-- ``random-queries``: N' learned queries attend to the HR tokens (BLIP/Q-Former-style).
+- ``hilt``: the LR tokens query the HR tokens, ``Z = F(Z_LR + softmax(Z_LR Z_HR^T s) Z_HR)``; the
+  LLM gets one token per LR token whatever the HR size (the paper's method).
+- ``random-queries``: N' learned queries in place of Z_LR (BLIP/Q-Former-style); same attention.
 - ``all-tokens``: every HR token is projected into the LLM (RadFM-style); grows with HR size.
 - ``pooled``: HR tokens average-pooled on their 3D grid to a fixed grid, then projected (M3D-style).
 - ``2d``: the LR volume as a multichannel 2D image (slices = channels), all patch tokens projected
   (LLaVA-1.5 / R2GenGPT-style); the model builds its ViT with a patch spanning the whole depth.
+F is a 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu) into the LLM width.
 """
 
 from __future__ import annotations
@@ -13,36 +16,77 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.config import ConnectorConfig, Size3
-from hilt_scale.hilt import HiltConnector, MLPProjector, attn_scale_value, check_heads, hilt_attention
+from hilt_scale.model.attention import attn_scale_value, check_heads, hilt_attention
+from hilt_scale.model.config import ConnectorConfig, Size3
 
 
 def _count(grid: Size3) -> int:
     return grid[0] * grid[1] * grid[2]
 
 
-class RandomQueryConnector(nn.Module):
-    """N' learned queries in place of Z_LR, same residual attention and projector as HILT."""
+class MLPProjector(nn.Module):
+    """Two-layer MLP with GELU from vision width to LLM width (LLaVA-1.5 mlp2x_gelu)."""
+
+    def __init__(self, in_width: int, out_width: int, hidden: int = 0) -> None:
+        super().__init__()
+        hidden = hidden or out_width
+        self.fc1 = nn.Linear(in_width, hidden)
+        self.fc2 = nn.Linear(hidden, out_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class QueryAttentionConnector(nn.Module):
+    """Shared base of HILT and random-queries: queries attend to the HR tokens (residual, no
+    projections), then the MLP projector. Subclasses say where the queries come from."""
 
     needs_hr = True
-    needs_lr = False
 
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
         self.attn_impl = cfg.attn_impl
         self.heads = check_heads(cfg.heads, vision_width)
         self.scale = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def queries_for(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        q = self.queries_for(z_hr, z_lr)
+        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads))
+
+
+class HiltConnector(QueryAttentionConnector):
+    """HILT: the LR tokens of the same ViT are the queries."""
+
+    needs_lr = True
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """Visual tokens given to the LLM: one per LR token, independent of the HR grid."""
+        return _count(lr_grid)
+
+    def queries_for(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None) -> torch.Tensor:
+        return z_lr
+
+
+class RandomQueryConnector(QueryAttentionConnector):
+    """N' learned queries in place of Z_LR (BLIP-style ablation), same attention and projector."""
+
+    needs_lr = False
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__(cfg, vision_width, llm_width)
         self.num_queries = cfg.num_queries  # kept apart: ZeRO-3 empties parameter shapes
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, vision_width) * 0.02)
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """Always the number of learned queries."""
         return self.num_queries
 
-    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
-        q = self.queries.expand(z_hr.shape[0], -1, -1).to(z_hr.dtype)
-        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads))
+    def queries_for(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None) -> torch.Tensor:
+        return self.queries.expand(z_hr.shape[0], -1, -1).to(z_hr.dtype)
 
 
 class AllTokensConnector(nn.Module):

@@ -1,29 +1,21 @@
 """Score generated reports: nine text metrics + clinical efficacy, bootstrap CIs, benchmark tables.
 
-    python -m hilt_scale.evaluate PRED.jsonl [--out metrics.json] [--bootstrap 1000]
-    python -m hilt_scale.evaluate --compare RUNDIR [RUNDIR ...]
-
-PRED.jsonl has one JSON object per line with ``key``, ``reference`` and ``generated`` (the
-trainer's ``predictions.jsonl``). Bad input is an error naming the file and line (non-UTF-8 or
-non-JSON line, missing key, non-string text, empty reference, duplicate key); an empty
-``generated`` text is scored as it is (it earns 0) and counted in ``n_empty_generated``.
+The library behind ``python -m hilt_scale.score`` (see there for the command line).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from hilt_scale import metrics
+from hilt_scale.evaluation import metrics
+from hilt_scale.evaluation.labeler import clinical_efficacy, label_reports
+from shards.io import read_jsonl
 from shards.schema import CLASSES
-from hilt_scale.labeler import clinical_efficacy, label_reports
-from hilt_scale.runlog import read_jsonl, write_json_atomic
 
 FIELDS = ("key", "reference", "generated")
 
@@ -200,31 +192,3 @@ def _cell(value: object, digits: int) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return f"{value:.{digits}f}"
     return None
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: score a predictions file, or compare run directories."""
-    parser = argparse.ArgumentParser(prog="python -m hilt_scale.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("predictions", nargs="?", type=Path, help="JSONL with key, reference, generated")
-    parser.add_argument("--out", type=Path, help="write the scores as JSON here (atomically)")
-    parser.add_argument("--bootstrap", type=int, default=0, help="resamples for 95 %% CIs (e.g. 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--compare", nargs="+", type=Path, metavar="RUNDIR", help="print the benchmark table")
-    args = parser.parse_args(argv)
-    if (args.predictions is None) == (args.compare is None):
-        parser.error("give either PRED.jsonl or --compare RUNDIR...")
-    try:
-        if args.compare:
-            print(compare_table(args.compare))
-            return
-        scores = evaluate_records(read_predictions(args.predictions), args.bootstrap, args.seed)
-    except (OSError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    print(format_report(scores))
-    if args.out is not None:
-        write_json_atomic(args.out, scores)
-    print(json.dumps({k: v for k, v in scores.items() if k != "ce_per_class"}))
-
-
-if __name__ == "__main__":
-    main()

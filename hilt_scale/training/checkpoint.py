@@ -13,13 +13,15 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hilt_scale.training.distributed import barrier
+from shards.io import atomic_write, write_json_atomic, write_text_atomic
 
 POINTER = "LATEST"
 # Tests set this to a step number: the process SIGKILLs itself inside that step's save, after
@@ -59,11 +61,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def tag_for(step: int) -> str:
     """Checkpoint tag of an optimizer step; zero-padded so tags sort by step."""
     return f"step{step:08d}"
@@ -97,25 +94,19 @@ def save(
     )
     tag_dir = ckpt_dir / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    target = tag_dir / f"trainer_rank{_rank()}.pt"
-    tmp = target.with_suffix(".pt.tmp")
-    torch.save(trainer_state, tmp)
-    os.replace(tmp, target)
+    with atomic_write(tag_dir / f"trainer_rank{_rank()}.pt", "wb") as f:
+        torch.save(trainer_state, f)
     if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # fault injection for the resume test
         os.kill(os.getpid(), signal.SIGKILL)
-    _barrier()
+    barrier()
     if _rank() == 0:
-        fd, tmp_name = tempfile.mkstemp(dir=ckpt_dir, prefix=".LATEST.")
-        with os.fdopen(fd, "w") as f:
-            f.write(tag + "\n")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, ckpt_dir / POINTER)
+        write_text_atomic(ckpt_dir / POINTER, tag + "\n")
         old = sorted(
             p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step") and p.name != tag
         )
         for path in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(path, ignore_errors=True)
-    _barrier()
+    barrier()
     return tag
 
 
@@ -143,8 +134,7 @@ def export(engine: Any, out_dir: str | Path, files: dict[str, Any]) -> None:
     All ranks must call this: under ZeRO-3 the weights are gathered first (all of them when the
     LLM base is a random init that exists nowhere else, else only the trainable ones).
     """
-    from hilt_scale.mllm import save_export
-    from hilt_scale.runlog import write_json_atomic
+    from hilt_scale.model.export import save_export
 
     model = engine.module
     whole = model.cfg.llm.path is None
@@ -154,7 +144,7 @@ def export(engine: Any, out_dir: str | Path, files: dict[str, Any]) -> None:
             save_export(model, out_dir)
             for name, obj in files.items():
                 write_json_atomic(Path(out_dir) / name, obj)
-    _barrier()
+    barrier()
 
 
 def _gathered(engine: Any, params: list[torch.nn.Parameter]) -> Any:

@@ -1,8 +1,7 @@
-"""HILT connector: ``Z = F(Q + softmax(Q K^T * s) V)`` with Q = Z_LR and K = V = Z_HR.
+"""HILT's attention ``q + softmax(q kv^T * scale) kv`` (no projections), by implementation.
 
-The paper's cross-attention has no projections: the LR tokens query the HR tokens of the same
-ViT directly, so the number of tokens reaching the LLM is the LR token count whatever the HR size.
-F is a 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu) into the LLM width.
+``eager`` is the kernels' fp64-capable reference, ``sdpa`` torch's fused attention, ``triton`` the
+fused kernel of ``kernels`` (imported only when chosen; falls back to sdpa without CUDA/Triton).
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from hilt_scale.config import ConnectorConfig, Size3
 from kernels.reference import hilt_attention_reference
 
 _warned: set[str] = set()
@@ -87,37 +84,3 @@ def check_heads(heads: int, width: int) -> int:
     if heads < 1 or width % heads:
         raise ValueError(f"connector.heads={heads} must be >= 1 and divide the vision width {width}")
     return heads
-
-
-class MLPProjector(nn.Module):
-    """Two-layer MLP with GELU from vision width to LLM width (LLaVA-1.5 mlp2x_gelu)."""
-
-    def __init__(self, in_width: int, out_width: int, hidden: int = 0) -> None:
-        super().__init__()
-        hidden = hidden or out_width
-        self.fc1 = nn.Linear(in_width, hidden)
-        self.fc2 = nn.Linear(hidden, out_width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class HiltConnector(nn.Module):
-    """LR tokens attend to HR tokens (no projections, residual), then the MLP projector."""
-
-    needs_hr = True
-    needs_lr = True
-
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
-        super().__init__()
-        self.attn_impl = cfg.attn_impl
-        self.heads = check_heads(cfg.heads, vision_width)
-        self.scale = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
-
-    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
-        """Visual tokens given to the LLM: one per LR token, independent of the HR grid."""
-        return lr_grid[0] * lr_grid[1] * lr_grid[2]
-
-    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
-        return self.projector(hilt_attention(z_lr, z_hr, self.scale, self.attn_impl, self.heads))

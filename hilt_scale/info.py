@@ -1,6 +1,6 @@
 """Token and parameter counts of a model configuration, built on the meta device (no weights).
 
-    python -m hilt_scale.inspect --vision vit-base --connector hilt \
+    python -m hilt_scale.info --vision vit-base --connector hilt \
         --hr-size 256,512,512 --lr-size 64,128,128 --llm llama3-8b
 
 Prints a table, then one JSON line with ``hr_tokens``, ``lr_tokens``, ``visual_tokens`` and
@@ -17,9 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hilt_scale.config import CONNECTOR_KINDS, ModelConfig, apply_overrides, model_config, parse_size
-from hilt_scale.connectors import build_connector
-from hilt_scale.mllm import add_lora, build_vision, hf_config
+from hilt_scale.model.config import CONNECTOR_KINDS, ModelConfig, apply_overrides, model_config
+from hilt_scale.model.connectors import build_connector
+from hilt_scale.model.mllm import add_lora, build_vision, hf_config
+from shards.schema import parse_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -99,7 +100,7 @@ def inspect_model(cfg: ModelConfig, with_llm: bool = True) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI: print a table and a JSON line for the requested configuration."""
-    p = argparse.ArgumentParser(prog="python -m hilt_scale.inspect", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hilt_scale.info", description=__doc__.split("\n")[0])
     p.add_argument("--vision", default="vit-base")
     p.add_argument("--connector", default="hilt", choices=CONNECTOR_KINDS)
     p.add_argument("--llm", default="llama3-8b", help="LLM preset or local directory; 'none' skips the LLM")

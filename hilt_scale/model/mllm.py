@@ -9,27 +9,24 @@ tuned with LoRA (peft), optionally over a bitsandbytes nf4 base (QLoRA).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 import tempfile
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.config import LLMConfig, ModelConfig, Size3, from_dict, grid, to_dict, validate
-from hilt_scale.connectors import build_connector
-from hilt_scale.tokenizer import train_report_tokenizer
-from hilt_scale.vit3d import ViT3D
+from hilt_scale.model.config import LLMConfig, ModelConfig, Size3, grid, validate
+from hilt_scale.model.connectors import build_connector
+from hilt_scale.model.tokenizer import train_report_tokenizer
+from hilt_scale.model.vit3d import ViT3D
+from shards.batch import stack_batch
+from shards.schema import HU_WINDOW
 
 # Sentinel id marking the image position in collated input_ids (LLaVA uses the same value).
 IMAGE_TOKEN_ID = -200
 IGNORE_INDEX = -100
-HU_WINDOW = (-1000.0, 200.0)
 
 
 def prompt_token_parts(
@@ -55,20 +52,6 @@ def prompt_token_parts(
     pre = bos + tokenizer(before, add_special_tokens=False)["input_ids"]
     post = tokenizer(after, add_special_tokens=False)["input_ids"]
     return pre, post
-
-
-def _stack_samples(samples: list[dict]) -> dict:
-    """Turn a list of loader samples into the loader's batch dict ({key, hr, report, meta})."""
-    vols = []
-    for s in samples:
-        hr = torch.as_tensor(np.asarray(s["hr"])) if not torch.is_tensor(s["hr"]) else s["hr"]
-        vols.append(hr if hr.dim() == 4 else hr.unsqueeze(0))
-    return {
-        "key": [s.get("key") for s in samples],
-        "hr": torch.stack(vols),
-        "report": [s["report"] for s in samples],
-        "meta": [s.get("meta", {}) for s in samples],
-    }
 
 
 class ReportCollator:
@@ -102,7 +85,7 @@ class ReportCollator:
 
     def __call__(self, batch: dict | list[dict]) -> dict:
         if isinstance(batch, list):
-            batch = _stack_samples(batch)
+            batch = stack_batch(batch)
         prompt = self.pre + [IMAGE_TOKEN_ID] + self.post
         rows, labels = [], []
         for report in batch["report"]:
@@ -439,91 +422,3 @@ def build_model(cfg: ModelConfig, tokenizer: Any = None, texts: list[str] | None
     vision = build_vision(cfg)
     connector = build_connector(cfg.connector, cfg.vision.width, llm_width)
     return HiltReportModel(cfg, vision, connector, llm, tokenizer)
-
-
-def save_vision(model: HiltReportModel, path: str | os.PathLike) -> None:
-    """Write ViT + connector weights as safetensors, atomically (temp file + os.replace)."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    state = {k: v.detach().contiguous().cpu() for k, v in model.vision_state_dict().items()}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_vision(model: HiltReportModel, path: str | os.PathLike) -> None:
-    """Load ViT + connector weights written by ``save_vision``."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    model.load_vision_state_dict(load_file(os.fspath(path)))
-
-
-def _base_llm_state(llm: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of the LLM without LoRA / modules_to_save copies, under the plain transformers names."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    state = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key or ".modules_to_save." in key:
-            continue
-        key = key.replace(".base_layer.", ".").replace(".original_module.", ".")
-        state[key] = value.detach().contiguous().cpu()
-    return state
-
-
-def save_export(model: HiltReportModel, out_dir: str | os.PathLike) -> Path:
-    """Write what generation needs: config.json, tokenizer/, vision.safetensors, adapter/ (peft),
-    and llm_base/ when the LLM was randomly initialised (it exists nowhere else).
-
-    Needs full (gathered) parameters: under ZeRO-3 call it inside GatheredParameters on rank 0.
-    The directory appears atomically (built beside it, then renamed).
-    """
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(to_dict(model.cfg), indent=2))
-    model.tokenizer.save_pretrained(tmp / "tokenizer")
-    save_vision(model, tmp / "vision.safetensors")
-    if hasattr(model.llm, "peft_config"):
-        model.llm.save_pretrained(tmp / "adapter")
-    if model.cfg.llm.path is None:
-        if model.cfg.llm.quantization != "none":
-            raise ValueError("save_export: a random-init LLM with llm.quantization=nf4 cannot be exported")
-        (tmp / "llm_base").mkdir()
-        base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-        base.config.save_pretrained(tmp / "llm_base")
-        save_file(
-            _base_llm_state(model.llm), tmp / "llm_base" / "model.safetensors", metadata={"format": "pt"}
-        )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
-
-
-def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
-    """Rebuild a trained model from a ``save_export`` directory (on CPU; move it with ``.to``)."""
-    from peft import set_peft_model_state_dict  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
-    src = Path(export_dir)
-    config_path = src / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path}: not an export directory (no config.json)")
-    cfg = from_dict(json.loads(config_path.read_text()))
-    if (src / "llm_base").is_dir():
-        cfg.llm.path = str(src / "llm_base")
-    tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
-    model = build_model(cfg, tokenizer)
-    adapter = src / "adapter" / "adapter_model.safetensors"
-    if cfg.llm.lora:
-        if not adapter.exists():
-            raise FileNotFoundError(f"{adapter}: config has llm.lora=true but the adapter is missing")
-        result = set_peft_model_state_dict(model.llm, load_file(adapter))
-        if result.unexpected_keys:
-            raise KeyError(f"{adapter}: unexpected adapter keys {result.unexpected_keys[:5]}")
-    load_vision(model, src / "vision.safetensors")
-    return model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hilt_scale.config import Size3, VisionConfig
+from hilt_scale.model.config import Size3, VisionConfig
 
 
 class Attention(nn.Module):

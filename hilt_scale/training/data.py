@@ -1,6 +1,6 @@
-"""The embedded default dataset, built once into a cache: phantom volumes -> shards -> tokenizer.
+"""The run's data: the embedded default (built once into a cache), the report tokenizer, eval batches.
 
-The phantom is written in CT-RATE's layout (NIfTI + report/metadata/label CSVs), so the real
+Without ``--data`` the embedded default is phantom volumes -> shards -> tokenizer. The phantom is written in CT-RATE's layout (NIfTI + report/metadata/label CSVs), so the real
 ingestion path (``shards.write``) turns it into shards exactly as it would CT-RATE. The cache
 entry appears in one rename when complete; concurrent builders (two "nodes" on one machine)
 each build into their own temp directory and the loser discards its copy.
@@ -9,12 +9,19 @@ each build into their own temp directory and the loser discards its copy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hilt_scale.model.config import ModelConfig
+    from hilt_scale.training.config import TrainConfig
 
 # Shards hold few volumes each so that ranks x loader workers always have shards to split.
 SAMPLES_PER_SHARD = 8
@@ -49,7 +56,7 @@ def split_reports(path: str | Path, split: str) -> list[str]:
 
 def train_tokenizer_dir(texts: list[str], out: Path) -> None:
     """Train the report tokenizer on ``texts`` and save it to ``out`` (written to a temp dir, renamed)."""
-    from hilt_scale.tokenizer import train_report_tokenizer
+    from hilt_scale.model.tokenizer import train_report_tokenizer
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -90,3 +97,54 @@ def build_default(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(shards), str(tokenizer)
+
+
+def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, local_rank: int) -> tuple[str, str | None]:
+    """Shard set path and tokenizer directory (None: the LLM brings its own tokenizer).
+
+    Without ``--data``: the cached phantom default at the model's HR size (or ``--phantom-size``).
+    With a random-init LLM preset and no tokenizer, the report tokenizer is trained on the shard
+    set's training reports and kept in the run directory.
+    """
+    from hilt_scale.training.distributed import barrier
+    from shards.schema import parse_size
+
+    if cfg.data is None:
+        size = parse_size(cfg.phantom_size) if cfg.phantom_size else tuple(mcfg.resolution.hr_size)
+        # One builder per node; the cache directory appears in one rename, so nodes never race.
+        if local_rank == 0:
+            build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=print if rank == 0 else None)
+        barrier()
+        return build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=None)
+    data = str(cfg.data)
+    if mcfg.llm.path or mcfg.llm.tokenizer_path:
+        return data, None
+    tokenizer_dir = Path(cfg.out) / "tokenizer"
+    if rank == 0 and not tokenizer_dir.exists():
+        train_tokenizer_dir(split_reports(data, "train"), tokenizer_dir)
+    barrier()
+    return data, str(tokenizer_dir)
+
+
+def eval_batches(path: str, split: str, limit: int, batch: int, rank: int, world: int) -> Iterator[Any]:
+    """This rank's eval batches: the first ``limit`` volumes of the split (0 = all) dealt round-robin.
+
+    Every rank yields the same number of items (ZeRO-3 needs equal forward counts); a rank with
+    no volumes left yields None. Volumes are read one batch at a time, never all at once.
+    """
+    from shards.batch import stack_batch
+    from shards.read import ShardSet
+
+    shard_set = ShardSet(path)
+    entries = shard_set.entries(split)[: limit or None]
+    mine = entries[rank::world]
+    for i in range(math.ceil(math.ceil(len(entries) / world) / batch)):
+        samples = [shard_set.read(*e) for e in mine[i * batch : (i + 1) * batch]]
+        yield stack_batch(samples) if samples else None
+
+
+def constant_report(reports: list[str]) -> str:
+    """The most frequent training report (ties: the first seen): the constant-report baseline."""
+    if not reports:
+        raise ValueError("no training reports to pick a constant baseline from")
+    return Counter(reports).most_common(1)[0][0]

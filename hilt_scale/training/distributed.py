@@ -1,0 +1,113 @@
+"""Process group, seeding, barrier, and the DeepSpeed JSON's "auto" slots filled from the run.
+
+The launcher (deepspeed, torchrun, or none for a plain ``python``) decides the ranks; here we pick
+DeepSpeed's CPU accelerator + gloo without CUDA, NCCL with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hilt_scale.training.config import TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """Pick DeepSpeed's CPU accelerator + gloo without CUDA, init the process group; (rank, world, local)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # plain `python train.py`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Share the cores between the ranks of this node instead of oversubscribing them.
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_node)))
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so runs (and resumed runs) repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group (tests, single-process tools)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def fill_ds_config(path: str | Path, values: dict[str, Any]) -> dict[str, Any]:
+    """Load a DeepSpeed JSON and replace every "auto" by ``values[key]``; unknown "auto" keys fail."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"DeepSpeed config {path} does not exist (try ds_configs/zero2.json)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+
+    def fill(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            return {k: fill(v, f"{where}.{k}" if where else k) for k, v in node.items()}
+        if node == "auto":
+            key = where.rsplit(".", 1)[-1]
+            if where not in values and key not in values:
+                raise KeyError(f"{path}: key {where!r} is 'auto' but train.py has no value for it")
+            return values.get(where, values.get(key))
+        return node
+
+    return fill(cfg, "")
+
+
+def ds_values(cfg: TrainConfig, world: int, total_steps: int) -> dict[str, Any]:
+    """The numbers the CLI decides for the DeepSpeed config's "auto" slots."""
+    on_gpu = torch.cuda.is_available()
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": grad_accum(cfg, world),
+        "lr": cfg.lr,
+        "warmup_max_lr": cfg.lr,
+        "warmup_num_steps": max(1, round(cfg.warmup_ratio * total_steps)),
+        "total_num_steps": total_steps,
+        "bf16.enabled": on_gpu,  # bf16 on GPU; fp32 on CPU (exact resume, and CPU bf16 is slow)
+        "torch_adam": not on_gpu,  # FusedAdam needs CUDA; torch AdamW compiles nothing
+    }
+
+
+def grad_accum(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step so that micro x accum x ranks = total batch."""
+    per_step = cfg.micro_batch * world
+    if cfg.total_batch % per_step:
+        raise ValueError(
+            f"--total-batch {cfg.total_batch} is not a multiple of --micro-batch {cfg.micro_batch} x {world} ranks"
+        )
+    return cfg.total_batch // per_step

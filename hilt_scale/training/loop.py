@@ -1,0 +1,250 @@
+"""The training loop: build, (resume), then per optimizer step: micro-batches, log, checkpoint
+every K, evaluate every E; at the end checkpoint, evaluate, export, summarise.
+
+``run(cfg)`` is what ``hilt_scale/train.py`` calls after parsing; it returns the summary on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hilt_scale.model.config import ModelConfig, apply_overrides, model_config
+from hilt_scale.training.config import TrainConfig
+from hilt_scale.training.data import constant_report, eval_batches, prepare_data, split_reports
+from hilt_scale.training.distributed import (
+    ds_values,
+    fill_ds_config,
+    grad_accum,
+    seed_everything,
+    setup_distributed,
+)
+
+
+def run_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The run's model config: presets named by the run, then its ``--set`` overrides (built once)."""
+    return model_config(cfg.vision, cfg.connector, cfg.llm, cfg.resolution, list(cfg.set))
+
+
+def build_run_model(cfg: TrainConfig, mcfg: ModelConfig, tokenizer_dir: str | None) -> Any:
+    """The model of ``mcfg``, with the run's trained tokenizer when the LLM brings none."""
+    from hilt_scale.model.mllm import build_model
+
+    if tokenizer_dir:
+        mcfg = apply_overrides(mcfg, {"llm.tokenizer_path": tokenizer_dir})
+    torch.manual_seed(cfg.seed)  # ViT + connector init
+    return build_model(mcfg)
+
+
+def evaluate(engine: Any, cfg: TrainConfig, eval_path: str, step: int, rank: int, world: int) -> dict | None:
+    """Generate reports for the eval split on all ranks, gather on rank 0, score, write predictions."""
+    import torch.distributed as dist
+
+    model = engine.module
+    stage3 = engine.zero_optimization_stage() == 3
+    # ZeRO-3: parameters are sharded, so every rank joins every forward; synced_gpus keeps a rank
+    # whose reports ended early stepping until all have, and an idle rank generates for a dummy.
+    kwargs = {"synced_gpus": True} if stage3 and world > 1 else {}
+    hr_size = tuple(model.cfg.resolution.hr_size)
+    records = []
+    for batch in eval_batches(eval_path, cfg.eval_split, cfg.eval_limit, cfg.eval_batch, rank, world):
+        if batch is None and not stage3:
+            continue
+        hr = batch["hr"] if batch is not None else torch.zeros((1, 1, *hr_size), dtype=torch.uint8)
+        texts = model.generate(hr, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs)
+        if batch is not None:
+            records += [
+                {"key": k, "reference": r, "generated": g}
+                for k, r, g in zip(batch["key"], batch["report"], texts)
+            ]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, records)
+    if rank != 0:
+        return None
+    records = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
+    from hilt_scale.evaluation.scoring import evaluate_records
+    from shards.io import write_jsonl_atomic
+
+    write_jsonl_atomic(Path(cfg.out) / "predictions.jsonl", records)
+    scores = evaluate_records(records)
+    return {"step": step, "n": len(records), **scores}
+
+
+class Batches:
+    """Endless micro-batches over epochs; the loader itself keeps the exact (epoch, position)."""
+
+    def __init__(self, loader: Any, trace: bool = False):
+        self.loader = loader
+        self.it = iter(loader)
+        self.seen: list[str] | None = [] if trace else None
+
+    @property
+    def epoch(self) -> int:
+        return self.loader.epoch
+
+    def next(self) -> dict:
+        try:
+            batch = next(self.it)
+        except StopIteration:  # the loader moved itself to the next epoch
+            self.it = iter(self.loader)
+            batch = next(self.it)
+        if self.seen is not None:
+            self.seen += batch["key"]
+        return batch
+
+
+def train_step(engine: Any, batches: Batches, accum: int) -> float:
+    """One optimizer step = ``accum`` micro-batches; returns the mean loss over them and all ranks."""
+    import torch.distributed as dist
+
+    total = torch.zeros(())
+    for _ in range(accum):
+        loss = engine(batches.next())
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach().float().cpu()
+    total /= accum
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+# Config fields that must match between the checkpoint's run and a resuming one.
+RESUME_KEYS = (
+    "micro_batch",
+    "total_batch",
+    "vision",
+    "connector",
+    "llm",
+    "resolution",
+    "set",
+    "seed",
+    "data",
+)
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Train, evaluate, export; return the summary on rank 0."""
+    t_start = time.perf_counter()
+    rank, world, local = setup_distributed()
+    import deepspeed
+
+    from hilt_scale.training import checkpoint
+    from hilt_scale.training.runlog import RunLog, plot_curves, score_table, write_json_atomic
+    from shards.read import ShardLoader
+
+    out = Path(cfg.out)
+    data_path, tokenizer_dir = prepare_data(cfg, rank, local)
+    eval_path = cfg.eval_data or data_path
+    seed_everything(cfg.seed)
+    model = build_run_model(cfg, tokenizer_dir)
+    loader = ShardLoader(
+        data_path, split="train", batch_size=cfg.micro_batch, shuffle=True, seed=cfg.seed,
+        rank=rank, world_size=world, num_workers=cfg.num_workers, collate_fn=model.collator(),
+    )  # fmt: skip
+    accum = grad_accum(cfg, world)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{data_path}: {len(loader)} batches per rank cannot fill one step of {accum} micro-batches"
+        )
+    total = cfg.max_steps or max(1, round(cfg.epochs * steps_per_epoch))
+    ds_config = fill_ds_config(cfg.ds, ds_values(cfg, world, total))
+    if not torch.cuda.is_available():  # offload configs on CPU: torch AdamW instead of DeepSpeedCPUAdam
+        ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+
+    step, batches = 0, Batches(loader, cfg.trace_keys)
+    ckpt_dir = out / "checkpoints"
+    loaded = checkpoint.load(engine, ckpt_dir) if cfg.resume else None
+    if loaded is not None:
+        client, trainer = loaded
+        before = client["config"]
+        changed = [k for k in RESUME_KEYS if before.get(k) != dataclasses.asdict(cfg).get(k)]
+        if changed or client["world"] != world:
+            raise ValueError(f"{ckpt_dir}: cannot resume with changed {changed or ['world size']}")
+        step = client["step"]
+        loader.load_state_dict(trainer["loader"])
+        batches = Batches(loader, cfg.trace_keys)
+        checkpoint.set_rng_state(trainer["rng"])
+
+    def save() -> None:
+        client = {"step": step, "world": world, "config": dataclasses.asdict(cfg)}
+        trainer = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
+        checkpoint.save(engine, ckpt_dir, step, client, trainer, keep=cfg.keep_checkpoints)
+
+    log = RunLog(out, enabled=rank == 0, total_steps=total, start_step=step)
+    if rank == 0:
+        write_json_atomic(out / "train_config.json", dataclasses.asdict(cfg))
+        counts = model.param_counts()
+        log.print(
+            f"[bold]hilt-scale[/] {world} rank(s), {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+            f"ZeRO-{engine.zero_optimization_stage()}, {counts['trainable'] / 1e6:.2f}M trainable of "
+            f"{counts['total'] / 1e6:.2f}M, {total} steps x {cfg.total_batch} samples"
+            + (f", resumed at step {step}" if step else "")
+        )
+    scores = None
+    with log:
+        while step < total:
+            t0 = time.perf_counter()
+            loss = train_step(engine, batches, accum)
+            step += 1
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step}")
+            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
+            log.step(step, loss, lr, cfg.total_batch / (time.perf_counter() - t0), batches.epoch)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save()
+            if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                scores = evaluate(engine, cfg, eval_path, step, rank, world)
+                log.eval(step, scores or {})
+        save()
+    if batches.seen is not None:
+        write_json_atomic(out / f"keys.rank{rank}.json", batches.seen)
+    scores = evaluate(engine, cfg, eval_path, step, rank, world) if cfg.eval else None
+    if cfg.export:
+        checkpoint.export(engine, out / "export", {"train_config.json": dataclasses.asdict(cfg)})
+    if rank != 0:
+        return None
+    baseline = None
+    if scores is not None:
+        log.eval(step, scores)
+        baseline = baseline_scores(data_path, cfg)
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    mcfg = model.cfg
+    summary = {
+        # The paper-table columns that `python -m hilt_scale.score --compare` reads.
+        "method": mcfg.connector.kind,
+        "hr_size": list(mcfg.resolution.hr_size),
+        "visual_tokens": model.num_visual_tokens,
+        "llm": mcfg.llm.name,
+        "steps": step,
+        "world_size": world,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "final": scores,
+        "baseline_constant_report": baseline,
+        "data": data_path,
+        "eval_data": eval_path,
+        "eval_split": cfg.eval_split,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    if scores is not None:
+        title = f"{Path(eval_path).name}:{cfg.eval_split}, {scores['n']} volumes, step {step}"
+        log.console.print(score_table({"model": scores, "constant report": baseline}, title))
+    log.console.print(f"run directory: {out}  (wall time {summary['wall_s']:.0f} s)")
+    return summary
+
+
+def baseline_scores(data_path: str, cfg: TrainConfig) -> dict:
+    """Scores of always answering the most frequent training report, on the same eval records."""
+    from hilt_scale.evaluation.scoring import evaluate_records
+    from hilt_scale.training.runlog import read_jsonl
+
+    report = constant_report(split_reports(data_path, "train"))
+    records = read_jsonl(Path(cfg.out) / "predictions.jsonl")
+    return evaluate_records([{**r, "generated": report} for r in records])
