@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import io
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,8 +30,17 @@ CANONICAL_AXCODES = ("L", "P", "I")
 ORIENTATION = ("superior->inferior", "anterior->posterior", "right->left")
 DTYPES = {"uint8": np.uint8, "int16": np.int16}
 SPLIT_FRACTIONS = (("train", 0.7), ("valid", 0.1), ("test", 0.2))
+SPLIT_PROTOCOLS = (
+    "patient",
+    "official",
+)  # paper: pooled, split 70/10/20 by patient | keep the source's split
 MIN_TOKENS, MAX_TOKENS = 10, 512
 CT_RATE_SPLIT_ALIASES = {"validation": "valid"}  # reports/metadata CSV prefix -> volume folder
+FOV_MM = 384.0  # paper A.4: 0.75 x 0.75 x 1.5 mm at 512 x 512 x 256 = a fixed 384 mm field of view
+MIN_COVERAGE = 0.2  # a volume whose content fills less of the grid than this is flagged (kept)
+# A name taken from a data file (split, key, id) becomes part of a file or member name: keep it plain.
+# No dots (webdataset cuts member names at the first dot), at most 90 characters (USTAR name field).
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,90}")
 
 
 class DataError(ValueError):
@@ -72,9 +82,15 @@ class Summary:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    flagged: Counter = field(default_factory=Counter)  # kept, but worth a look (e.g. low_coverage)
 
     def drop(self, reason: str, message: str | None = None) -> None:
         self.dropped[reason] += 1
+        if message and len(self.errors) < 50:
+            self.errors.append(message)
+
+    def flag(self, reason: str, message: str | None = None) -> None:
+        self.flagged[reason] += 1
         if message and len(self.errors) < 50:
             self.errors.append(message)
 
@@ -83,8 +99,21 @@ class Summary:
             "found": self.found,
             "kept": self.kept,
             "dropped": dict(sorted(self.dropped.items())),
+            "flagged": dict(sorted(self.flagged.items())),
             "errors": self.errors,
         }
+
+
+def check_name(value: str, what: str, file: str | Path, key: str, where: str = "") -> str:
+    """Return value if it is a safe split name / key ([A-Za-z0-9_-], 1-90 chars), else raise bad_name."""
+    if not NAME_RE.fullmatch(value):
+        raise DataError(
+            "bad_name",
+            file,
+            key,
+            f"{where}{what} {value!r} is not a safe name ([A-Za-z0-9_-], 1-90 characters)",
+        )
+    return value
 
 
 def check_policy(on_error: str) -> None:
@@ -170,8 +199,16 @@ def preprocess(
     lo, hi = HU_WINDOW
     x = torch.from_numpy(np.clip(hu, lo, hi).astype(np.float32, copy=False))
     if target_spacing is not None:
+        # Cut the source to (a little more than) the part the grid keeps before resampling, so a
+        # huge or finely sampled volume never makes a huge intermediate array.
+        keep = []
+        for n, s, t, m in zip(x.shape, spacing, target_spacing, hr_size):
+            need = min(n, math.ceil(m * t / s) + 2)
+            a = (n - need) // 2
+            keep.append(slice(a, a + need))
+        x = x[tuple(keep)]
         shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(x.shape, spacing, target_spacing))
-        x = _resize(x, shape)
+        x = _resize(x.contiguous(), shape)
         x = _crop_or_pad(x, hr_size, lo)
         out_spacing = tuple(float(t) for t in target_spacing)
     else:
@@ -185,6 +222,24 @@ def preprocess(
     else:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return np.ascontiguousarray(arr), out_spacing
+
+
+def fov_spacing(hr_size: tuple[int, int, int], fov_mm: float = FOV_MM) -> tuple[float, float, float]:
+    """Target (z, y, x) spacing that makes the grid cover fov_mm on every axis (paper A.4: 384 mm)."""
+    if not (math.isfinite(fov_mm) and fov_mm > 0):
+        raise ValueError(f"field of view must be a positive number of mm, got {fov_mm!r}")
+    return tuple(fov_mm / m for m in hr_size)  # type: ignore[return-value]
+
+
+def coverage(
+    shape: tuple[int, ...], spacing: tuple[float, ...], hr_size: tuple[int, ...], target_spacing=None
+) -> float:
+    """Fraction of the output grid filled by the source volume (1.0 when resized straight to the grid)."""
+    if target_spacing is None:
+        return 1.0
+    return float(
+        math.prod(min(1.0, n * s / (m * t)) for n, s, m, t in zip(shape, spacing, hr_size, target_spacing))
+    )
 
 
 def _resize(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -227,9 +282,14 @@ def count_tokens(text: str) -> int:
     return len(re.findall(r"\w+|[^\w\s]", text))
 
 
-def assign_split(key: str) -> str:
-    """Deterministic 70/10/20 train/valid/test split from a hash of the key."""
-    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+def assign_split(key: str, seed: int = 0) -> str:
+    """Deterministic 70/10/20 train/valid/test split from a hash of the key (a patient id or a volume key).
+
+    Each key's split depends on the key and the seed only: not on file order, machine or on which
+    other keys exist, so adding samples never moves a patient between splits.
+    """
+    text = key if seed == 0 else f"{seed}:{key}"
+    u = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 2**32
     acc = 0.0
     for name, frac in SPLIT_FRACTIONS:
         acc += frac
@@ -239,130 +299,180 @@ def assign_split(key: str) -> str:
 
 
 def safe_key(text: str) -> str:
-    """A webdataset-safe key: no dots or slashes (webdataset splits member names at the first dot)."""
-    return re.sub(r"[^\w-]", "_", text)
+    """A webdataset-safe key from a file name: ASCII letters, digits, _ and - (no dots, no slashes)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Read a CSV into dicts, failing with the file and the missing column names."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError("bad_csv", path, "-", f"missing column(s) {missing}; has {reader.fieldnames}")
-        return list(reader)
+def _fields(text: str) -> list[str]:
+    """The fields of one CSV record given as text (empty list for a blank line)."""
+    rows = list(csv.reader(io.StringIO(text)))
+    return rows[0] if rows else []
 
 
-def _parse_spacing(xy: str, z: str, path: Path, key: str) -> tuple[float, float, float]:
-    """CT-RATE spacing strings: XYSpacing '[0.75, 0.75]' (row, column) and ZSpacing '1.5'."""
-    nums = re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", xy)
+def _open_quote(text: str) -> bool:
+    """True when a quoted field of this CSV text is still open at its end."""
     try:
-        if len(nums) != 2:
-            raise ValueError(xy)
-        return float(z), float(nums[0]), float(nums[1])
-    except ValueError as e:
-        raise DataError("bad_metadata", path, key, f"cannot parse XYSpacing={xy!r} ZSpacing={z!r}") from e
+        list(csv.reader(io.StringIO(text), strict=True))
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
+
+
+def _looks_like_row(text: str, header: list[str], key_column: str) -> bool:
+    """A line that is a whole CSV record by itself, with the header's width and a volume name in key_column."""
+    if _open_quote(text):
+        return False
+    fields = _fields(text)
+    if len(fields) != len(header):
+        return False
+    name = fields[header.index(key_column)].strip().lower()
+    return name.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"))
+
+
+def read_csv_rows(
+    path: str | Path, required: tuple[str, ...], key_column: str, key_of=None
+) -> tuple[list[tuple[int, dict]], list[DataError]]:
+    """Read a CSV one record at a time: ([(line, row)], [DataError of each bad record]).
+
+    Each record is decoded on its own, so a non-UTF-8 byte costs that record only (``not_utf8``,
+    naming the line). A quoted field that is never closed would swallow the rows after it into one
+    report (the csv module reads on to the next quote or the end of the file): a record that runs
+    over a line which is a whole row by itself (the header's width, a volume file name in
+    ``key_column``) is refused as ``unterminated_quote`` and reading restarts at that line, so the
+    rows after it are kept. A record with more or fewer fields than the header is ``bad_row``.
+    A missing required column or an undecodable header raises ``bad_csv`` for the whole file.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_bytes().splitlines(keepends=True)
+    except OSError as e:
+        raise DataError("missing_file", path, "-", f"cannot read the CSV: {e}") from e
+    if lines and lines[0].startswith(b"\xef\xbb\xbf"):
+        lines[0] = lines[0][3:]  # UTF-8 byte order mark
+    try:
+        header = [h.strip() for h in _fields(lines[0].decode("utf-8"))] if lines else []
+    except UnicodeDecodeError as e:
+        raise DataError(
+            "bad_csv", path, "-", f"line 1 (header) is not UTF-8 ({e.reason} at byte {e.start})"
+        ) from e
+    missing = [c for c in (*required, key_column) if c not in header]
+    if missing:
+        raise DataError("bad_csv", path, "-", f"missing column(s) {missing}; has {header}")
+    key_of = key_of or (lambda row: str(row.get(key_column, "")))
+    rows: list[tuple[int, dict]] = []
+    bad: list[DataError] = []
+    i = 1
+    while i < len(lines):
+        start, buf = i + 1, lines[i]
+        i += 1
+        text = buf.decode("utf-8", "replace")
+        if not text.strip():
+            continue
+        stopped_at = None
+        while _open_quote(text) and i < len(lines):
+            nxt = lines[i].decode("utf-8", "replace")
+            if _looks_like_row(nxt, header, key_column):
+                stopped_at = i + 1
+                break
+            buf, text, i = buf + lines[i], text + nxt, i + 1
+        first = _fields(text.splitlines()[0] if _open_quote(text) else text)
+        guess = dict(zip(header, first))
+        try:
+            key = safe_key(key_of(guess)) or "-"
+        except Exception:  # a guess for the message only
+            key = "-"
+        where = f"line {start}"
+        if _open_quote(text):
+            tail = f"line {stopped_at} is a row of its own" if stopped_at else "the end of the file"
+            bad.append(
+                DataError("unterminated_quote", path, key, f"{where}: a quoted field runs on to {tail}")
+            )
+            continue
+        try:
+            text = buf.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(
+                DataError(
+                    "not_utf8", path, key, f"{where}: byte 0x{buf[e.start]:02x} is not UTF-8 ({e.reason})"
+                )
+            )
+            continue
+        fields = _fields(text)
+        if len(fields) != len(header):
+            bad.append(
+                DataError(
+                    "bad_row", path, key, f"{where}: {len(fields)} fields, the header has {len(header)}"
+                )
+            )
+            continue
+        rows.append((start, dict(zip(header, fields))))
+    return rows, bad
 
 
 def ct_rate_records(
-    root: str | Path, on_error: str = "raise", report_field: str = "findings"
+    root: str | Path,
+    on_error: str = "raise",
+    report_field: str = "findings",
+    split: str = "patient",
+    seed: int = 0,
 ) -> tuple[list[Record], Summary]:
-    """Records of a CT-RATE tree: <split>/.../<name>.nii.gz + reports, metadata and label CSVs."""
-    root = Path(root)
-    summary = Summary()
-    records: list[Record] = []
-    report_dir = root / "radiology_text_reports"
-    prefixes = sorted(p.name[: -len("_reports.csv")] for p in report_dir.glob("*_reports.csv"))
-    if not prefixes:
-        raise DataError("bad_source", report_dir, "-", "no <split>_reports.csv found: not a CT-RATE tree")
-    for prefix in prefixes:
-        # CT-RATE itself names its validation CSVs validation_*.csv but the volumes valid/valid_*.
-        split = (
-            prefix
-            if (root / prefix).is_dir() or prefix not in CT_RATE_SPLIT_ALIASES
-            else CT_RATE_SPLIT_ALIASES[prefix]
-        )
-        rep_path = report_dir / f"{prefix}_reports.csv"
-        reports = {r["VolumeName"]: r for r in _read_csv(rep_path, ("VolumeName", "Findings_EN"))}
-        meta_path = _first_existing(root / "metadata", [f"{prefix}_metadata.csv", f"{split}_metadata.csv"])
-        meta = (
-            {
-                r["VolumeName"]: r
-                for r in _read_csv(meta_path, ("VolumeName", "RescaleSlope", "RescaleIntercept"))
-            }
-            if meta_path
-            else {}
-        )
-        lab_path = _first_existing(
-            root / "multi_abnormality_labels",
-            [f"{split}_predicted_labels.csv", f"{prefix}_predicted_labels.csv"],
-        )
-        labels = {r["VolumeName"]: r for r in _read_csv(lab_path, ("VolumeName",))} if lab_path else {}
-        for path in sorted((root / split).rglob("*.nii.gz")):
-            name = path.name
-            key = safe_key(name[: -len(".nii.gz")])
-            summary.found += 1
-            try:
-                if name not in reports:
-                    raise DataError("missing_report", rep_path, key, f"no report row for {name}")
-                text = _report_text(reports[name], report_field)
-                m = meta.get(name)
-                rec = Record(key, path, text, split, "ct-rate")
-                if m is not None:
-                    rec.slope, rec.intercept = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
-                    if m.get("XYSpacing") and m.get("ZSpacing"):
-                        rec.spacing = _parse_spacing(m["XYSpacing"], m["ZSpacing"], meta_path, key)
-                    if m.get("Findings"):
-                        rec.extra["findings"] = json.loads(m["Findings"])
-                if name in labels:
-                    rec.labels = {c: int(float(v)) for c, v in labels[name].items() if c != "VolumeName"}
-                records.append(rec)
-            except DataError as e:
-                handle(e, on_error, summary)
-    return records, summary
+    """Records of a CT-RATE tree (see shards.ctrate): pooled, one reconstruction per scan, patient split."""
+    from shards.ctrate import ct_rate_records as records_of
+
+    return records_of(root, on_error, report_field, split, seed)
 
 
-def _first_existing(folder: Path, names: list[str]) -> Path | None:
-    """The first of folder/name that exists, else None."""
-    return next((folder / n for n in names if (folder / n).exists()), None)
+def _manifest_key(row: dict) -> str:
+    """The key of a manifest row: its id, else the file name without .nii/.nii.gz (sanitised)."""
+    if (row.get("id") or "").strip():
+        return row["id"].strip()
+    name = Path(row.get("path") or "").name
+    return safe_key(name.split(".nii")[0] if ".nii" in name else Path(name).stem)
 
 
-def _report_text(row: dict, field_name: str) -> str:
-    """The report text used for training: Findings_EN, Impressions_EN or both."""
-    f, i = (row.get("Findings_EN") or "").strip(), (row.get("Impressions_EN") or "").strip()
-    if field_name == "findings":
-        return f
-    if field_name == "impressions":
-        return i
-    if field_name == "both":
-        return f"{f} Impression: {i}".strip() if i else f
-    raise ValueError(f"report_field must be findings|impressions|both, got {field_name!r}")
+def manifest_records(
+    manifest: str | Path, on_error: str = "raise", seed: int = 0
+) -> tuple[list[Record], Summary]:
+    """Records of a manifest CSV with columns path,report[,split][,id][,patient]; paths relative to the CSV.
 
-
-def manifest_records(manifest: str | Path, on_error: str = "raise") -> tuple[list[Record], Summary]:
-    """Records of a manifest CSV with columns path,report[,split][,id]; paths relative to the CSV."""
+    The split is the row's ``split`` if given, else a hash of ``patient`` (when the column is
+    there) or of the key. ``id`` and ``split`` become file and member names, so they must be
+    safe names (``check_name``); a key from a file name is sanitised (``safe_key``).
+    """
     manifest = Path(manifest)
     summary = Summary()
     records: list[Record] = []
-    for i, row in enumerate(_read_csv(manifest, ("path", "report"))):
+    rows, bad = read_csv_rows(manifest, ("path", "report"), "path", key_of=_manifest_key)
+    for e in bad:
         summary.found += 1
-        path = Path(row["path"])
-        path = path if path.is_absolute() else manifest.parent / path
-        name = path.name.split(".nii")[0] if ".nii" in path.name else path.stem
-        key = safe_key((row.get("id") or "").strip() or name)
+        handle(e, on_error, summary)
+    for line, row in rows:
+        summary.found += 1
+        key = _manifest_key(row) or "-"
+        where = f"line {line}: "
         try:
-            if not path.exists():
-                raise DataError(
-                    "missing_file", manifest, key, f"row {i + 2}: path {row['path']!r} does not exist"
-                )
-            split = (row.get("split") or "").strip() or assign_split(key)
-            records.append(Record(key, path, row["report"] or "", split, "manifest"))
+            check_name(key, "id", manifest, key, where)
+            path = Path(row["path"])
+            path = path if path.is_absolute() else manifest.parent / path
+            if not row["path"].strip() or not path.is_file():
+                raise DataError("missing_file", manifest, key, f"{where}path {row['path']!r} does not exist")
+            split = (row.get("split") or "").strip()
+            if split:
+                check_name(split, "split", manifest, key, where)
+            else:
+                split = assign_split((row.get("patient") or "").strip() or key, seed)
+            rec = Record(key, path, row["report"] or "", split, "manifest")
+            if (row.get("patient") or "").strip():
+                rec.extra["patient"] = row["patient"].strip()
+            records.append(rec)
         except DataError as e:
             handle(e, on_error, summary)
     return records, summary
 
 
-def nifti_dir_records(root: str | Path, on_error: str = "raise") -> tuple[list[Record], Summary]:
+def nifti_dir_records(
+    root: str | Path, on_error: str = "raise", seed: int = 0
+) -> tuple[list[Record], Summary]:
     """Records of a directory of NIfTI files, each with its report in a sidecar <name>.txt."""
     root = Path(root)
     summary = Summary()
@@ -375,7 +485,14 @@ def nifti_dir_records(root: str | Path, on_error: str = "raise") -> tuple[list[R
         try:
             if not txt.exists():
                 raise DataError("missing_report", txt, key, "no sidecar report file")
-            records.append(Record(key, path, txt.read_text(encoding="utf-8"), assign_split(key), "nifti"))
+            raw = txt.read_bytes()
+            try:
+                report = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    "not_utf8", txt, key, f"byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8"
+                ) from e
+            records.append(Record(key, path, report, assign_split(key, seed), "nifti"))
         except DataError as e:
             handle(e, on_error, summary)
     return records, summary
@@ -392,6 +509,8 @@ def filter_records(records: list[Record], summary: Summary, on_error: str = "rai
     texts: set[tuple[str, str]] = set()
     for rec in sorted(records, key=lambda r: (r.split, r.key)):
         try:
+            check_name(rec.split, "split", rec.path, rec.key)
+            check_name(rec.key, "key", rec.path, rec.key)
             if rec.key in keys:
                 raise DataError("duplicate_key", rec.path, rec.key, "another sample already has this key")
             if not rec.report.strip():
@@ -405,7 +524,9 @@ def filter_records(records: list[Record], summary: Summary, on_error: str = "rai
         if n < MIN_TOKENS:
             summary.drop("report_too_short")
         elif n > MAX_TOKENS:
-            summary.drop("report_too_long")
+            summary.drop(
+                "report_too_long", f"report_too_long: {rec.path} [key {rec.key}]: {n} tokens > {MAX_TOKENS}"
+            )
         elif norm in texts:
             summary.drop("duplicate_report")
         else:
@@ -416,17 +537,28 @@ def filter_records(records: list[Record], summary: Summary, on_error: str = "rai
 
 
 def source_records(
-    source: str | Path, on_error: str = "raise", report_field: str = "findings"
+    source: str | Path,
+    on_error: str = "raise",
+    report_field: str = "findings",
+    split: str = "patient",
+    seed: int = 0,
 ) -> tuple[list[Record], Summary]:
-    """Records of any source: a CT-RATE tree, a manifest .csv, or a directory of NIfTI files; filtered."""
+    """Records of any source: a CT-RATE tree, a manifest .csv, or a directory of NIfTI files; filtered.
+
+    split="patient" (the paper): CT-RATE's official folders are pooled and re-split 70/10/20 by
+    patient with ``seed``; "official" keeps CT-RATE's train/valid folders. Manifests keep their
+    ``split`` column when they have one; other samples are split by a hash of patient or key.
+    """
     check_policy(on_error)
+    if split not in SPLIT_PROTOCOLS:
+        raise ValueError(f"split must be one of {SPLIT_PROTOCOLS}, got {split!r}")
     source = Path(source)
     if source.is_file() and source.suffix == ".csv":
-        records, summary = manifest_records(source, on_error)
+        records, summary = manifest_records(source, on_error, seed)
     elif (source / "radiology_text_reports").is_dir():
-        records, summary = ct_rate_records(source, on_error, report_field)
+        records, summary = ct_rate_records(source, on_error, report_field, split, seed)
     elif source.is_dir():
-        records, summary = nifti_dir_records(source, on_error)
+        records, summary = nifti_dir_records(source, on_error, seed)
     else:
         raise DataError("bad_source", source, "-", "not a CT-RATE tree, a manifest .csv or a NIfTI directory")
     return filter_records(records, summary, on_error), summary

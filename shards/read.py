@@ -14,10 +14,12 @@ seeded shuffle buffer, zstd decoding) for tools that expect webdataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,8 +32,23 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shards.ingest import DTYPES, DataError, array_sha256, check_policy
 
 
-def decode_volume(data: bytes, shape: list[int], dtype: str, file: str | Path, key: str) -> np.ndarray:
-    """Decompress one zstd frame into a (D, H, W) array, checking its size against shape and dtype."""
+def frame_has_checksum(data: bytes) -> bool:
+    """True when a zstd frame carries a content checksum (then decompression verifies it)."""
+    try:
+        return bool(zstandard.get_frame_parameters(data).has_checksum)
+    except zstandard.ZstdError:
+        return False
+
+
+def decode_volume(
+    data: bytes, shape: list[int], dtype: str, file: str | Path, key: str, sha256: str | None = None
+) -> np.ndarray:
+    """Decompress one zstd frame into a (D, H, W) array, checking its size against shape and dtype.
+
+    A frame with a content checksum is verified by zstd itself. A frame without one (shards
+    written before checksums, or a header whose checksum flag was damaged) is checked against
+    ``sha256`` (the sample json's hash of the array) when given, so no damaged volume passes.
+    """
     try:
         raw = zstandard.ZstdDecompressor().decompress(data)
     except zstandard.ZstdError as e:
@@ -43,6 +60,11 @@ def decode_volume(data: bytes, shape: list[int], dtype: str, file: str | Path, k
         raise DataError(
             "bad_shape_or_dtype", file, key, f"{len(raw)} bytes decoded, shape {shape} {dtype} needs {want}"
         )
+    if sha256 is not None and not frame_has_checksum(data):
+        if hashlib.sha256(raw).hexdigest() != sha256:
+            raise DataError(
+                "checksum_mismatch", file, key, "decoded array sha256 differs from the sample json"
+            )
     return np.frombuffer(raw, dtype=DTYPES[dtype]).reshape(shape)
 
 
@@ -75,6 +97,18 @@ class ShardSet:
         self.dtype = self.index["dtype"]
         self._fds: dict[int, int] = {}
 
+    @property
+    def splits(self) -> dict[str, int]:
+        """Sample count of each split present, from the shards listed in the index (e.g. {"train": 70, ...})."""
+        out: dict[str, int] = {}
+        for s in self.shards:
+            out[s["split"]] = out.get(s["split"], 0) + s["count"]
+        return {k: v for k, v in out.items() if v > 0}
+
+    def has_split(self, split: str) -> bool:
+        """True when the set holds at least one sample of ``split`` (e.g. "test" after a patient split)."""
+        return self.splits.get(split, 0) > 0
+
     def entries(self, split: str) -> list[tuple[int, int]]:
         """(shard number, position) of every sample of a split, in index order."""
         out = [(i, j) for i, s in enumerate(self.shards) if s["split"] == split for j in range(s["count"])]
@@ -104,8 +138,14 @@ class ShardSet:
             )
         return data
 
-    def read(self, i: int, j: int, verify: bool = False) -> dict:
-        """Sample j of shard i: {"key", "hr" (D, H, W array), "report", "meta"}."""
+    def read(self, i: int, j: int, verify: bool | None = None) -> dict:
+        """Sample j of shard i: {"key", "hr" (D, H, W array), "report", "meta"}.
+
+        Every read detects damage: json and txt against the index's crc32 (shards from format 2),
+        the volume by its zstd content checksum, or, for a frame without one, by the sha256 in the
+        json. ``verify=True`` also recomputes the sha256 of every volume; ``verify=False`` skips
+        the sha256 fallback (zstd and crc32 checks still run).
+        """
         shard = self.shards[i]
         key = shard["keys"][j]
         members = shard["members"][j]
@@ -113,9 +153,17 @@ class ShardSet:
         missing = [m for m in ("json", "txt", "vol.zst") if m not in members]
         if missing:
             raise DataError("missing_member", path, key, f"sample lacks {missing}")
+        js, txt = self._pread(i, *members["json"], key), self._pread(i, *members["txt"], key)
+        crc = shard.get("crc32")
+        if crc is not None:
+            for member, data, want in (("json", js, crc[j][0]), ("txt", txt, crc[j][1])):
+                if zlib.crc32(data) != want:
+                    raise DataError(
+                        "checksum_mismatch", path, key, f"{member} member crc32 differs from the index"
+                    )
         try:
-            meta = json.loads(self._pread(i, *members["json"], key))
-            report = self._pread(i, *members["txt"], key).decode("utf-8")
+            meta = json.loads(js)
+            report = txt.decode("utf-8")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError("corrupt_sample", path, key, str(e)) from e
         if list(meta.get("shape", [])) != self.hr_size or meta.get("dtype") != self.dtype:
@@ -125,7 +173,10 @@ class ShardSet:
                 key,
                 f"sample is {meta.get('shape')} {meta.get('dtype')}, index says {self.hr_size} {self.dtype}",
             )
-        hr = decode_volume(self._pread(i, *members["vol.zst"], key), meta["shape"], meta["dtype"], path, key)
+        sha = meta.get("sha256") if verify is not False else None
+        hr = decode_volume(
+            self._pread(i, *members["vol.zst"], key), meta["shape"], meta["dtype"], path, key, sha
+        )
         if verify and array_sha256(hr) != meta.get("sha256"):
             raise DataError(
                 "checksum_mismatch", path, key, "decoded array sha256 differs from the sample json"
@@ -324,7 +375,14 @@ def wds_dataset(path: str | os.PathLike, split: str = "train", shuffle_buffer: i
 
     def to_sample(s: dict) -> dict:
         meta = json.loads(s["json"])
-        hr = decode_volume(s["vol.zst"], meta["shape"], meta["dtype"], s.get("__url__", "?"), s["__key__"])
+        hr = decode_volume(
+            s["vol.zst"],
+            meta["shape"],
+            meta["dtype"],
+            s.get("__url__", "?"),
+            s["__key__"],
+            meta.get("sha256"),
+        )
         return {"key": s["__key__"], "hr": hr, "report": s["txt"].decode("utf-8"), "meta": meta}
 
     ds = wds.WebDataset(

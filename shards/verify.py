@@ -16,8 +16,14 @@ from shards.write import file_sha256, shard_members
 
 
 def verify_shards(path: str | Path, decode: bool = True) -> dict:
-    """Return {"ok", "shards", "samples", "problems": [...]} for a shard set directory."""
+    """Return {"ok", "shards", "samples", "decoded", "problems": [...], "warnings": [...]} for a shard set.
+
+    Problems: a shard missing, of the wrong size or sha256, or whose members differ from the index;
+    a sample that does not decode or whose checksums differ; a key in two shards; split counts or
+    the summary (found = written + dropped) that do not add up. Warnings: tars the index does not list.
+    """
     problems: list[str] = []
+    warnings: list[str] = []
     try:
         shard_set = ShardSet(path)
     except DataError as e:
@@ -51,6 +57,19 @@ def verify_shards(path: str | Path, decode: bool = True) -> dict:
                 n += 1
             except DataError as e:
                 problems.append(str(e))
+    owner: dict[str, str] = {}
+    for s in shard_set.shards:
+        for key in s["keys"]:
+            if key in owner:
+                problems.append(f"key {key}: in {owner[key]} and in {s['name']} (duplicate across shards)")
+            owner.setdefault(key, s["name"])
+    listed = {s["name"] for s in shard_set.shards}
+    for f in sorted(shard_set.root.glob("*.tar")):
+        if f.name not in listed:
+            warnings.append(f"{f}: not listed in index.json (not read by any loader)")
+    summary = shard_set.index.get("summary", {})
+    if summary.get("unaccounted"):
+        problems.append(f"summary: {summary['unaccounted']} found samples neither written nor dropped")
     total = sum(s["count"] for s in shard_set.shards)
     for split, count in shard_set.index.get("splits", {}).items():
         have = sum(s["count"] for s in shard_set.shards if s["split"] == split)
@@ -63,6 +82,7 @@ def verify_shards(path: str | Path, decode: bool = True) -> dict:
         "samples": total,
         "decoded": n,
         "problems": problems,
+        "warnings": warnings,
     }
 
 

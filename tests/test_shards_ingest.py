@@ -233,7 +233,7 @@ def test_ct_rate_validation_csv_names(tmp_path: Path) -> None:
     text = meta.read_text()
     assert '"[22.5, 22.5]"' in text
     meta.write_text(text.replace('"[22.5, 22.5]"', "(22.5 22.5)"))  # another spacing spelling
-    recs, summary = source_records(tmp_path)
+    recs, summary = source_records(tmp_path, split="official")
     valid = [r for r in recs if r.split == "valid"]
     assert len(recs) == 5 and len(valid) == 1 and summary.dropped == {}
     assert valid[0].labels is not None and valid[0].slope == 1.0 and valid[0].spacing == (37.5, 22.5, 22.5)

@@ -21,6 +21,7 @@ from shards.write import write_shards
 
 SIZE = (16, 32, 32)
 HR = (8, 24, 24)  # resampled on write, so the round trip checks the preprocessing path too
+OLD = {"split": "official", "fov_mm": None}  # the Python defaults: CT-RATE's own split, resize to HR
 REPORT = "Trachea and both main bronchi are open. No pleural effusion was detected on either side."
 
 
@@ -34,7 +35,7 @@ def phantom(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shard_dir(phantom: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    write_shards(phantom, out, hr_size=HR, samples_per_shard=3, progress=False)
+    write_shards(phantom, out, hr_size=HR, samples_per_shard=3, progress=False, **OLD)
     return out
 
 
@@ -302,7 +303,9 @@ def test_parallel_writer_matches_serial(phantom: Path, tmp_path: Path) -> None:
 
 def test_int16_shards_keep_clipped_hu(tmp_path: Path) -> None:
     m = _manifest_source(tmp_path, "missing")
-    out = write_shards(m, tmp_path / "o", hr_size=(6, 6, 6), dtype="int16", on_error="skip", progress=False)
+    out = write_shards(
+        m, tmp_path / "o", hr_size=(6, 6, 6), dtype="int16", on_error="skip", progress=False, **OLD
+    )
     assert out["dtype"] == "int16"
     batch = next(iter(ShardLoader(tmp_path / "o", "train", batch_size=3, shuffle=False)))
     assert batch["hr"].dtype == torch.int16 and batch["key"] == ["g0", "g1", "g2"]
@@ -326,17 +329,14 @@ def test_cli_round_trip_phantom_write_verify(tmp_path: Path, capsys) -> None:
     from shards import phantom, verify, write
 
     phantom.main(["--out", str(tmp_path / "ph"), "--n", "5", "--size", "8,16,16", "--seed", "2"])
-    write.main(
-        [
-            "--ct-rate",
-            str(tmp_path / "ph"),
-            "--out",
-            str(tmp_path / "sh"),
-            "--hr-size",
-            "8,16,16",
-            "--no-progress",
-        ]
-    )
+    args = ["--ct-rate", str(tmp_path / "ph"), "--hr-size", "8,16,16", "--no-progress"]
+    write.main([*args, "--out", str(tmp_path / "paper")])  # defaults: the paper's protocol
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    index = json.loads((tmp_path / "paper" / "index.json").read_text())
+    assert index["preprocessing"]["split"] == "patient" and index["preprocessing"]["fov_mm"] == 384.0
+    assert index["preprocessing"]["target_spacing"] == [48.0, 24.0, 24.0]
+    assert sum(summary["splits"].values()) == 5 and set(summary["splits"]) <= {"train", "valid", "test"}
+    write.main([*args, "--out", str(tmp_path / "sh"), "--official-split", "--stretch"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["splits"] == {"train": 4, "valid": 1}
     with pytest.raises(SystemExit) as ok:
