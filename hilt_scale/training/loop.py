@@ -134,14 +134,16 @@ def run(cfg: TrainConfig) -> dict | None:
     import deepspeed
 
     from hilt_scale.training import checkpoint
-    from hilt_scale.training.runlog import RunLog, plot_curves, score_table, write_json_atomic
+    from hilt_scale.training.runlog import RunLog, plot_curves, score_table
+    from shards.io import write_json_atomic
     from shards.read import ShardLoader
 
     out = Path(cfg.out)
-    data_path, tokenizer_dir = prepare_data(cfg, rank, local)
+    mcfg = run_model_config(cfg)
+    data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
     seed_everything(cfg.seed)
-    model = build_run_model(cfg, tokenizer_dir)
+    model = build_run_model(cfg, mcfg, tokenizer_dir)
     loader = ShardLoader(
         data_path, split="train", batch_size=cfg.micro_batch, shuffle=True, seed=cfg.seed,
         rank=rank, world_size=world, num_workers=cfg.num_workers, collate_fn=model.collator(),
@@ -243,7 +245,7 @@ def run(cfg: TrainConfig) -> dict | None:
 def baseline_scores(data_path: str, cfg: TrainConfig) -> dict:
     """Scores of always answering the most frequent training report, on the same eval records."""
     from hilt_scale.evaluation.scoring import evaluate_records
-    from hilt_scale.training.runlog import read_jsonl
+    from shards.io import read_jsonl
 
     report = constant_report(split_reports(data_path, "train"))
     records = read_jsonl(Path(cfg.out) / "predictions.jsonl")
