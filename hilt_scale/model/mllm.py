@@ -9,6 +9,7 @@ tuned with LoRA (peft), optionally over a bitsandbytes nf4 base (QLoRA).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import tempfile
 from typing import Any
@@ -25,6 +26,20 @@ from shards.batch import stack_batch
 from shards.schema import HU_WINDOW
 
 # Sentinel id marking the image position in collated input_ids (LLaVA uses the same value).
+
+
+class _NoKernelsHubProbe(logging.Filter):
+    """bitsandbytes (imported by peft whenever it is installed) tries ``from kernels import
+    get_kernel`` to fetch a CPU gemm from the hub; our top-level ``kernels`` package answers, the
+    import fails and bitsandbytes logs a warning on every run, 4-bit or not. It then uses its own
+    CPU path, which is what we want (no hub access): drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubProbe())
+
 IMAGE_TOKEN_ID = -200
 IGNORE_INDEX = -100
 
