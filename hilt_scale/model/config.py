@@ -15,7 +15,7 @@ from typing import Any
 
 Size3 = tuple[int, int, int]
 
-CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d")
+CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d", "lr-only")
 ATTN_IMPLS = ("eager", "sdpa", "triton")
 ATTN_SCALES = ("rsqrt", "paper")
 QUANTIZATIONS = ("none", "nf4")

@@ -7,6 +7,7 @@
 - ``pooled``: HR tokens average-pooled on their 3D grid to a fixed grid, then projected (M3D-style).
 - ``2d``: the LR volume as a multichannel 2D image (slices = channels), all patch tokens projected
   (LLaVA-1.5 / R2GenGPT-style); the model builds its ViT with a patch spanning the whole depth.
+- ``lr-only``: the same 3D ViT on the LR view only, ``Z = F(Z_LR)`` (HILT without the HR attention).
 F is a 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu) into the LLM width.
 """
 
@@ -147,12 +148,35 @@ class Flat2DConnector(nn.Module):
         return self.projector(z_lr)
 
 
+class LROnlyConnector(nn.Module):
+    """The same 3D ViT on the LR view only, its tokens through the projector: ``Z = F(Z_LR)``.
+
+    HILT without the HR attention (``Z = F(Z_LR + attn(Z_LR, Z_HR))``), so the two differ only by
+    what the HR tokens add; same token count as HILT.
+    """
+
+    needs_hr = False
+    needs_lr = True
+
+    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
+        super().__init__()
+        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+
+    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
+        """One per LR token, like HILT."""
+        return _count(lr_grid)
+
+    def forward(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
+        return self.projector(z_lr)
+
+
 CONNECTORS: dict[str, type[nn.Module]] = {
     "hilt": HiltConnector,
     "random-queries": RandomQueryConnector,
     "all-tokens": AllTokensConnector,
     "pooled": PooledConnector,
     "2d": Flat2DConnector,
+    "lr-only": LROnlyConnector,
 }
 
 
