@@ -329,6 +329,19 @@ def _looks_like_row(text: str, header: list[str], key_column: str) -> bool:
     return name.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"))
 
 
+def _guess_row(text: str, header: list[str]) -> dict:
+    """The row as well as it can be told, to name a bad record: a record whose quote never closes is
+    cut at commas, the fields before the open quote read from the left and the rest from the right."""
+    if not _open_quote(text):
+        return dict(zip(header, _fields(text)))
+    naive = text.splitlines()[0].split(",")
+    q = next((i for i, f in enumerate(naive) if f.startswith('"')), len(naive))
+    right = len(header) - q - 1
+    if q >= len(header) or right < 0 or len(naive) < len(header):
+        return dict(zip(header, naive))
+    return {**dict(zip(header[:q], naive[:q])), **dict(zip(header[q + 1 :], naive[len(naive) - right :]))}
+
+
 def read_csv_rows(
     path: str | Path, required: tuple[str, ...], key_column: str, key_of=None
 ) -> tuple[list[tuple[int, dict]], list[DataError]]:
@@ -375,18 +388,19 @@ def read_csv_rows(
                 stopped_at = i + 1
                 break
             buf, text, i = buf + lines[i], text + nxt, i + 1
-        first = _fields(text.splitlines()[0] if _open_quote(text) else text)
-        guess = dict(zip(header, first))
+        guess = _guess_row(text, header)
         try:
             key = safe_key(key_of(guess)) or "-"
         except Exception:  # a guess for the message only
             key = "-"
         where = f"line {start}"
         if _open_quote(text):
-            tail = f"line {stopped_at} is a row of its own" if stopped_at else "the end of the file"
-            bad.append(
-                DataError("unterminated_quote", path, key, f"{where}: a quoted field runs on to {tail}")
+            tail = (
+                f"into line {stopped_at}, which is a row of its own"
+                if stopped_at
+                else "to the end of the file"
             )
+            bad.append(DataError("unterminated_quote", path, key, f"{where}: a quoted field runs on {tail}"))
             continue
         try:
             text = buf.decode("utf-8")
