@@ -3,8 +3,19 @@
 Each volume has a body, lungs, mediastinal fat, heart, aorta, trachea, spine and liver at
 realistic HU with Gaussian noise, plus findings drawn from CT-RATE's abnormality classes at
 known places and sizes. The report states every finding consistently with the volume (side,
-lobe, size in mm) and says "normal" where a finding is absent. Some nodules are only 1-3 HR
-voxels across, so they vanish after a 4x downsample: the set exists to show what HR buys.
+lobe, size in mm) and says "normal" where a finding is absent. The set exists to show what HR buys.
+
+HR-only vs LR-visible, by physics: every finding records ``lr_fill``, the largest fraction of one
+LR voxel its HR voxels fill after an average-pool by ``lr_factor`` (2 = the cpu presets' HR/LR
+ratio; the paper's is 4), and ``visibility`` = "hr-only" when that is below ``HR_ONLY_FILL``
+(0.35: a one-voxel nodule keeps 1/8 of its contrast at 2x), else "lr-visible". The kinds are
+fixed before any training (``shards.phantom_report.HR_ONLY_KINDS``): millimetric nodules and aortic
+/ coronary calcification spots are one HR voxel each (spots of one finding in different LR
+voxels); large nodules, effusions, consolidation, opacity, emphysema, cardiomegaly, pericardial
+effusion and lymphadenopathy span LR voxels. tests/test_shards_phantom.py checks that every
+finding's physical visibility agrees with its kind's group at the main job's size (32x64x64,
+lr_factor 2); on coarser grids (16x32x32) some LR-visible findings shrink to one voxel, so the
+groups are only meaningful from 32x64x64 up. Each kind is drawn independently with ``prevalence``.
 
 Usage: python -m shards.phantom --out DIR --n N --size D,H,W --seed S
 """
@@ -25,7 +36,7 @@ import nibabel as nib
 import numpy as np
 
 from shards.io import atomic_write, write_bytes_atomic
-from shards.phantom_report import pick, write_report
+from shards.phantom_report import KINDS, pick, write_report
 from shards.schema import CLASSES, parse_size
 
 # Field of view in mm (z, y, x) that the grid covers whatever its size; spacing = FOV / size.
@@ -41,6 +52,11 @@ LN_STATIONS = {  # name -> centre (x, y, z) in mm, inside the mediastinal fat
     "subcarinal": (0.0, 12.0, 128.0),
     "prevascular": (-5.0, -45.0, 100.0),
 }
+# Bump when a seed's volumes or reports change (2: small/large nodule kinds, one-voxel calcifications,
+# per-finding lr_fill / visibility).
+PHANTOM_VERSION = 2
+# A finding is HR-only when no LR voxel is filled to this fraction by it (see the module docstring).
+HR_ONLY_FILL = 0.35
 # Classes the phantom can draw; the other CT-RATE classes are always 0 in its labels.
 PHANTOM_CLASSES = (
     "Lung nodule",
@@ -144,53 +160,91 @@ def _lobe_point(rng: np.random.Generator, lung: dict, lobe: str, in_lung) -> tup
     return (cx, cy + np.mean(yr) * ry, cz + np.mean(zr) * rz)
 
 
-def _draw_findings(rng: np.random.Generator, grid: Grid, prevalence: float, classes=None) -> list[dict]:
-    """Pick this patient's findings (class + details); drawing happens in make_volume."""
+def _draw_findings(
+    rng: np.random.Generator, grid: Grid, prevalence: float, classes=None, lr_factor: int = 2
+) -> list[dict]:
+    """Pick this patient's findings (class + kind + details); drawing happens in make_volume.
+
+    ``classes`` (CT-RATE class names or finding kinds) forces exactly those; "Lung nodule" alone
+    forces one large nodule.
+    """
     out: list[dict] = []
-    for cls in PHANTOM_CLASSES:
+    for kind, cls in KINDS.items():
         drawn = rng.random() < prevalence
-        if not (drawn if classes is None else cls in classes):
+        if classes is not None:
+            drawn = kind in classes or (cls in classes and kind != "small nodule")
+        if not drawn:
             continue
         side = str(rng.choice(["right", "left"]))
-        if cls == "Lung nodule":
+        if kind in ("small nodule", "large nodule"):
             for _ in range(int(rng.integers(1, 3))):
                 side = str(rng.choice(["right", "left"]))
                 lobe = str(rng.choice(LOBES[side]))
-                # Half of the nodules are 1-3 in-plane HR voxels across, the rest 6-20 mm.
-                small = rng.random() < 0.5
-                d_mm = rng.uniform(1.0, 3.0) * grid.spacing[2] if small else rng.uniform(6.0, 20.0)
-                out.append({"class": cls, "side": side, "lobe": lobe, "size_mm": round(float(d_mm), 1)})
+                pitch = min(grid.spacing[1:])
+                # Millimetric: under one in-plane voxel, so it paints exactly its centre voxel.
+                # Large: 1.5-2.5 LR voxels across, so it fills most of at least one LR voxel.
+                small = kind == "small nodule"
+                d_mm = rng.uniform(0.6, 0.95) * pitch if small else rng.uniform(1.5, 2.5) * pitch * lr_factor
+                out.append(
+                    {"class": cls, "kind": kind, "side": side, "lobe": lobe, "size_mm": round(float(d_mm), 1)}
+                )
         elif cls == "Pleural effusion":
             sides = [side] if rng.random() < 0.6 else ["right", "left"]
             for sd in sides:
-                out.append({"class": cls, "side": sd, "size_mm": int(rng.integers(15, 41))})
+                out.append({"class": cls, "kind": kind, "side": sd, "size_mm": int(rng.integers(15, 41))})
         elif cls in ("Consolidation", "Lung opacity"):
             lobe = str(rng.choice(LOBES[side]))
-            out.append({"class": cls, "side": side, "lobe": lobe, "size_mm": int(rng.integers(25, 56))})
+            out.append(
+                {"class": cls, "kind": kind, "side": side, "lobe": lobe, "size_mm": int(rng.integers(25, 56))}
+            )
         elif cls == "Pericardial effusion":
-            out.append({"class": cls, "size_mm": int(rng.integers(8, 16))})
+            out.append({"class": cls, "kind": kind, "size_mm": int(rng.integers(8, 16))})
         elif cls == "Lymphadenopathy":
             names = sorted(rng.choice(list(LN_STATIONS), size=int(rng.integers(1, 3)), replace=False))
             out.append(
-                {"class": cls, "stations": [str(n) for n in names], "size_mm": int(rng.integers(14, 26))}
+                {
+                    "class": cls,
+                    "kind": kind,
+                    "stations": [str(n) for n in names],
+                    "size_mm": int(rng.integers(18, 30)),
+                }
             )
         elif cls == "Arterial wall calcification":
-            out.append({"class": cls, "count": int(rng.integers(4, 9))})
+            out.append({"class": cls, "kind": kind, "count": int(rng.integers(4, 9))})
         elif cls == "Coronary artery wall calcification":
-            out.append({"class": cls, "count": int(rng.integers(2, 6))})
+            out.append({"class": cls, "kind": kind, "count": int(rng.integers(2, 6))})
         else:  # Emphysema, Cardiomegaly
-            out.append({"class": cls})
+            out.append({"class": cls, "kind": kind})
     return out
 
 
-def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: float = 0.3, classes=None):
+def lr_fill(mask: np.ndarray, factor: int) -> float:
+    """Largest fraction of one LR voxel (an average-pooled ``factor``^3 block) that ``mask`` fills."""
+    if not mask.any():
+        return 0.0
+    pad = [(0, (-n) % factor) for n in mask.shape]
+    m = np.pad(mask.astype(np.float32), pad)
+    d, h, w = (n // factor for n in m.shape)
+    return float(m.reshape(d, factor, h, factor, w, factor).mean(axis=(1, 3, 5)).max())
+
+
+def make_volume(
+    size: tuple[int, int, int],
+    seed: int,
+    index: int,
+    prevalence: float = 0.3,
+    classes=None,
+    lr_factor: int = 2,
+):
     """Build one phantom: (HU int16 array in canonical (D,H,W) = (S->I, A->P, R->L), spacing, findings).
 
-    `classes` (a set of class names) forces exactly those findings instead of drawing by prevalence.
+    `classes` (a set of class names or finding kinds) forces exactly those findings instead of
+    drawing by prevalence. Every finding gets ``lr_fill`` and ``visibility`` at ``lr_factor``.
     """
     rng = np.random.default_rng([seed, index])
     grid = Grid(size)
-    findings = _draw_findings(rng, grid, prevalence, classes)
+    findings = _draw_findings(rng, grid, prevalence, classes, lr_factor)
+    masks = [np.zeros(size, dtype=bool) for _ in findings]
     has = {f["class"] for f in findings}
     s = float(rng.uniform(0.92, 1.08))  # patient build
     vol = np.full(size, -1000.0, dtype=np.float32)
@@ -210,12 +264,24 @@ def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: f
         sl, m = grid.ellipsoid(lung["c"], lung["r"])
         lung_mask[sl] |= m
     vol[lung_mask] = lung_hu
+    for f, fm in zip(findings, masks):
+        if f["class"] == "Emphysema":
+            fm |= lung_mask  # the whole lung is darker
 
     def in_lung(p: tuple[float, float, float]) -> bool:
         iz, iy, ix = (
             int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
         )
         return bool(lung_mask[iz, iy, ix])
+
+    def in_aerated_lung(p: tuple[float, float, float]) -> bool:
+        """Air-like lung all around (1 voxel in z, 2 in-plane): not in or at an effusion,
+        consolidation, the mediastinum or the chest wall, so a one-voxel nodule stands out."""
+        iz, iy, ix = (
+            int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
+        )
+        near = (slice(max(0, iz - 1), iz + 2), slice(max(0, iy - 2), iy + 3), slice(max(0, ix - 2), ix + 3))
+        return bool(lung_mask[near].all()) and bool((vol[near] < -500).all())
 
     # Mediastinum: fat between the lungs, then the heart inside a pericardial fat layer.
     _paint(vol, grid.ellipsoid((0.0, -10.0, 125.0), (38.0, 62.0, 105.0)), -90.0)
@@ -226,6 +292,15 @@ def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: f
     if peri:
         _paint(vol, grid.ellipsoid(heart_c, tuple(heart_r + peri)), 5.0)
     _paint(vol, grid.ellipsoid(heart_c, tuple(heart_r)), 45.0)
+    for f, fm in zip(findings, masks):
+        if f["class"] in ("Cardiomegaly", "Pericardial effusion"):
+            # Cardiomegaly: the shell the enlarged heart adds; effusion: the fluid shell.
+            inner = heart_r / 1.35 if f["class"] == "Cardiomegaly" else heart_r
+            outer = heart_r if f["class"] == "Cardiomegaly" else heart_r + peri
+            sl, m = grid.ellipsoid(heart_c, tuple(outer))
+            fm[sl] |= m
+            sl, m = grid.ellipsoid(heart_c, tuple(inner))
+            fm[sl] &= ~m
 
     # Aorta (ascending, arch, descending), trachea + main bronchi, spine with canal.
     asc_top, desc_top = (8.0, -22.0, 85.0), (26.0, 42.0, 85.0)
@@ -246,24 +321,33 @@ def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: f
     _paint(vol, grid.capsule((0.0, 75.0, 0.0), (0.0, 75.0, 300.0), 19.0), 350.0)
     _paint(vol, grid.capsule((0.0, 100.0, 0.0), (0.0, 100.0, 300.0), 7.0), 20.0)
 
-    # Findings, painted with their stated side / lobe / size.
-    for f in findings:
+    # Findings, painted with their stated side / lobe / size; fm collects each one's voxels.
+    # Diffuse findings first, focal ones (nodules, calcifications) last: nothing paints over them.
+    focal = ("Lung nodule", "Arterial wall calcification", "Coronary artery wall calcification")
+    order = sorted(range(len(findings)), key=lambda i: findings[i]["class"] in focal)
+    for f, fm in ((findings[i], masks[i]) for i in order):
         cls = f["class"]
+
+        def paint(shape, hu: float, where: np.ndarray | None = None, fm: np.ndarray = fm) -> None:
+            _paint(vol, shape, hu, where)
+            sl, m = shape
+            fm[sl] |= m if where is None else m & where[sl]
+
         if cls == "Emphysema":
             for _ in range(int(rng.integers(12, 25))):
                 side = lungs[str(rng.choice(["right", "left"]))]
                 p = _lobe_point(rng, side, str(rng.choice(["upper", "lower"])), in_lung)
                 r = float(rng.uniform(4.0, 9.0))
-                _paint(vol, grid.ellipsoid(p, (r, r, r)), -1000.0, where=lung_mask)
+                paint(grid.ellipsoid(p, (r, r, r)), -1000.0, where=lung_mask)
         elif cls == "Lung nodule":
-            p = grid.snap(*_lobe_point(rng, lungs[f["side"]], f["lobe"], in_lung))
+            p = grid.snap(*_lobe_point(rng, lungs[f["side"]], f["lobe"], in_aerated_lung))
             r = f["size_mm"] / 2
-            _paint(vol, grid.ellipsoid(p, (r, r, r)), 30.0)
-            vol[
-                tuple(
-                    int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
-                )
-            ] = 30.0
+            paint(grid.ellipsoid(p, (r, r, r)), 30.0)
+            centre = tuple(
+                int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
+            )
+            vol[centre] = 30.0
+            fm[centre] = True
             f["center_mm"] = [round(v, 1) for v in p]
         elif cls in ("Consolidation", "Lung opacity"):
             p = _lobe_point(rng, lungs[f["side"]], f["lobe"], in_lung)
@@ -271,7 +355,7 @@ def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: f
             for _ in range(3):  # a patch: three overlapping blobs, kept inside the lung
                 q = tuple(v + rng.uniform(-0.25, 0.25) * f["size_mm"] for v in p)
                 r = f["size_mm"] / 2 * rng.uniform(0.6, 1.0)
-                _paint(vol, grid.ellipsoid(q, (r, r * 0.8, r)), hu, where=lung_mask)
+                paint(grid.ellipsoid(q, (r, r * 0.8, r)), hu, where=lung_mask)
             f["center_mm"] = [round(v, 1) for v in p]
         elif cls == "Pleural effusion":
             (cx, cy, cz), (rx, ry, rz) = lungs[f["side"]]["c"], lungs[f["side"]]["r"]
@@ -282,35 +366,62 @@ def make_volume(size: tuple[int, int, int], seed: int, index: int, prevalence: f
             back = cy + ry * np.sqrt(np.clip(1.0 - zz - xx, 0.0, None))
             fluid = m & (grid.y[sl[1]][None, :, None] >= back - f["size_mm"]) & lung_mask[sl]
             vol[sl][fluid] = 15.0
+            fm[sl] |= fluid
         elif cls == "Lymphadenopathy":
             for name in f["stations"]:
                 c = LN_STATIONS[name]
                 r = f["size_mm"] / 2
-                _paint(vol, grid.ellipsoid(c, (r * 1.2, r, r * 1.4)), 45.0)
-        elif cls == "Arterial wall calcification":
-            for _ in range(f["count"]):
-                a, b, r = aorta[int(rng.integers(0, 3))]
-                t = rng.uniform(0.1, 0.9)
-                ang = rng.uniform(0, 2 * np.pi)
-                p = (
-                    a[0] + t * (b[0] - a[0]) + r * np.cos(ang),
-                    a[1] + t * (b[1] - a[1]) + r * np.sin(ang),
-                    a[2] + t * (b[2] - a[2]),
+                paint(grid.ellipsoid(c, (r * 1.2, r, r * 1.4)), 45.0)
+        elif cls in ("Arterial wall calcification", "Coronary artery wall calcification"):
+            # One-voxel spots (radius under half a voxel), each in an LR voxel of its own.
+            used: set[tuple[int, ...]] = set()
+            for p in _calcification_points(rng, f, aorta, heart_c, heart_r):
+                p = grid.snap(*p)
+                idx = tuple(
+                    int(np.argmin(np.abs(a - v))) for a, v in ((grid.z, p[2]), (grid.y, p[1]), (grid.x, p[0]))
                 )
-                _paint(vol, grid.ellipsoid(grid.snap(*p), (2.5, 2.5, 2.5)), 800.0)
-        elif cls == "Coronary artery wall calcification":
-            for _ in range(f["count"]):
-                ang = rng.uniform(-0.9, 0.9)
-                p = (
-                    heart_c[0] + heart_r[0] * np.sin(ang),
-                    heart_c[1] - heart_r[1] * np.cos(ang) * 0.9,
-                    heart_c[2] - heart_r[2] * 0.5,
-                )
-                _paint(vol, grid.ellipsoid(grid.snap(*p), (2.5, 2.5, 2.5)), 800.0)
+                block = tuple(i // lr_factor for i in idx)
+                if block in used:
+                    continue
+                used.add(block)
+                vol[idx] = 800.0
+                fm[idx] = True
+
+    for f, fm in zip(findings, masks):
+        f["lr_fill"] = round(lr_fill(fm, lr_factor), 3)
+        f["visibility"] = "hr-only" if f["lr_fill"] < HR_ONLY_FILL else "lr-visible"
 
     vol += rng.standard_normal(size, dtype=np.float32) * NOISE_HU
     hu = np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
     return hu, grid.spacing, findings
+
+
+def _calcification_points(rng, f: dict, aorta, heart_c, heart_r) -> list[tuple[float, float, float]]:
+    """Candidate spots (x, y, z in mm) on the aortic wall or the heart's surface (coronaries)."""
+    points = []
+    if f["class"] == "Arterial wall calcification":
+        for _ in range(f["count"]):
+            a, b, r = aorta[int(rng.integers(0, 3))]
+            t = rng.uniform(0.1, 0.9)
+            ang = rng.uniform(0, 2 * np.pi)
+            points.append(
+                (
+                    a[0] + t * (b[0] - a[0]) + r * np.cos(ang),
+                    a[1] + t * (b[1] - a[1]) + r * np.sin(ang),
+                    a[2] + t * (b[2] - a[2]),
+                )
+            )
+    else:
+        for _ in range(f["count"]):
+            ang = rng.uniform(-0.9, 0.9)
+            points.append(
+                (
+                    heart_c[0] + heart_r[0] * np.sin(ang),
+                    heart_c[1] - heart_r[1] * np.cos(ang) * 0.9,
+                    heart_c[2] - heart_r[2] * 0.5,
+                )
+            )
+    return points
 
 
 # ---- Writing the set in CT-RATE's layout. ----
@@ -340,10 +451,10 @@ def save_nifti(hu: np.ndarray, spacing: tuple[float, float, float], path: Path) 
     write_bytes_atomic(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
-def _one(args: tuple[str, int, str, tuple[int, int, int], int, int, float]) -> dict:
+def _one(args: tuple[str, int, str, tuple[int, int, int], int, int, float, int]) -> dict:
     """Generate, save and describe one volume (runs in a worker process)."""
-    out, idx, split, size, pid, seed, prevalence = args
-    hu, spacing, findings = make_volume(size, seed, idx, prevalence)
+    out, idx, split, size, pid, seed, prevalence, lr_factor = args
+    hu, spacing, findings = make_volume(size, seed, idx, prevalence, lr_factor=lr_factor)
     name = volume_name(split, pid)
     save_nifti(hu, spacing, volume_path(Path(out), name))
     rng = np.random.default_rng([seed, idx, 1])
@@ -388,6 +499,7 @@ def generate_phantom(
     valid_fraction: float = 0.2,
     prevalence: float = 0.3,
     workers: int = 1,
+    lr_factor: int = 2,
 ) -> dict:
     """Write n phantom volumes (train + valid) in CT-RATE's layout under out_dir; return a summary."""
     if n < 2:
@@ -397,12 +509,12 @@ def generate_phantom(
     out = Path(out_dir)
     n_valid = min(n - 1, max(1, round(n * valid_fraction)))
     jobs = [
-        (str(out), i, "train" if i < n - n_valid else "valid", tuple(size), 0, seed, prevalence)
+        (str(out), i, "train" if i < n - n_valid else "valid", tuple(size), 0, seed, prevalence, lr_factor)
         for i in range(n)
     ]
     jobs = [
-        (o, i, sp, sz, (i + 1 if sp == "train" else i - (n - n_valid) + 1), sd, p)
-        for o, i, sp, sz, _, sd, p in jobs
+        (o, i, sp, sz, (i + 1 if sp == "train" else i - (n - n_valid) + 1), sd, p, f)
+        for o, i, sp, sz, _, sd, p, f in jobs
     ]
     if workers > 1:
         # spawn: the caller (the trainer) may hold torch / communication threads that fork would copy.
@@ -431,6 +543,8 @@ def generate_phantom(
         "valid": n_valid,
         "size": list(size),
         "positives": counts,
+        "lr_factor": lr_factor,
+        "version": PHANTOM_VERSION,
     }
 
 
@@ -443,11 +557,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--valid-fraction", type=float, default=0.2)
     p.add_argument(
-        "--prevalence", type=float, default=0.3, help="probability of each finding class per volume"
+        "--prevalence", type=float, default=0.3, help="probability of each finding kind per volume"
     )
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--lr-factor", type=int, default=2, help="HR/LR ratio for the findings' lr_fill")
     a = p.parse_args(argv)
-    print(json.dumps(generate_phantom(a.out, a.n, a.size, a.seed, a.valid_fraction, a.prevalence, a.workers)))
+    summary = generate_phantom(
+        a.out, a.n, a.size, a.seed, a.valid_fraction, a.prevalence, a.workers, a.lr_factor
+    )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

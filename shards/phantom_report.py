@@ -3,11 +3,36 @@
 Each finding is stated with what the volume holds (side, lobe, size in mm) and every absent
 finding gets a normal statement, in CT-RATE's vocabulary so a CT-RATE-trained labeler reads it.
 The text is the project's own; nothing here reads CT-RATE files.
+
+Finding kinds (``KINDS``) are finer than CT-RATE's classes: a "Lung nodule" is either a
+millimetric ``small nodule`` (one HR voxel) or a ``large nodule``. ``HR_ONLY_KINDS`` are the kinds
+the phantom draws too small to survive the LR downsampling (``shards.phantom`` checks it by physics
+for every finding); ``read_findings`` reads the kinds back from a report (a reference or a generated
+one), so finding F1 can be scored per group.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+
+# Finding kinds -> CT-RATE class. HR-only kinds are one-voxel findings (see shards.phantom).
+KINDS: dict[str, str] = {
+    "small nodule": "Lung nodule",
+    "aortic calcification": "Arterial wall calcification",
+    "coronary calcification": "Coronary artery wall calcification",
+    "large nodule": "Lung nodule",
+    "pleural effusion": "Pleural effusion",
+    "consolidation": "Consolidation",
+    "opacity": "Lung opacity",
+    "emphysema": "Emphysema",
+    "cardiomegaly": "Cardiomegaly",
+    "pericardial effusion": "Pericardial effusion",
+    "lymphadenopathy": "Lymphadenopathy",
+}
+HR_ONLY_KINDS: tuple[str, ...] = ("small nodule", "aortic calcification", "coronary calcification")
+LR_VISIBLE_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in HR_ONLY_KINDS)
 
 # One sentence list per statement; the generator picks one at random (two variants each keep the
 # text learnable). Placeholders are filled from the finding: {d} size, {t} thickness, {side}, {lobe}.
@@ -46,6 +71,10 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "nodule": (
         "A nodule measuring {d} mm is observed in the {lobe} lobe of the {side} lung.",
         "There is a {d} mm nodule in the {side} lung {lobe} lobe.",
+    ),
+    "small nodule": (
+        "A millimetric nodule ({d} mm) is observed in the {lobe} lobe of the {side} lung.",
+        "There is a millimetric nodule of {d} mm in the {side} lung {lobe} lobe.",
     ),
     "no nodule": (
         "No nodule or mass was detected in either lung.",
@@ -135,8 +164,11 @@ def write_report(findings: list[dict], rng: np.random.Generator) -> tuple[str, s
     one("Emphysema", "emphysema", None, "Emphysema in both lungs.")
     for f in by.get("Lung nodule", []):
         d = _mm(f["size_mm"])
-        s.append(pick(rng, "nodule", d=d, side=f["side"], lobe=f["lobe"]))
-        imp.append(f"{d} mm nodule in the {f['side']} lung {f['lobe']} lobe.")
+        small = f.get("kind") == "small nodule"
+        s.append(pick(rng, "small nodule" if small else "nodule", d=d, side=f["side"], lobe=f["lobe"]))
+        imp.append(
+            f"{'Millimetric ' if small else ''}{d} mm nodule in the {f['side']} lung {f['lobe']} lobe."
+        )
     if "Lung nodule" not in by:
         s.append(pick(rng, "no nodule"))
     for cls, name, what in (
@@ -160,3 +192,46 @@ def write_report(findings: list[dict], rng: np.random.Generator) -> tuple[str, s
         s.append(pick(rng, "no effusion"))
     s += [pick(rng, "abdomen"), pick(rng, "bones")]
     return " ".join(s), " ".join(imp) if imp else "No significant pathology was detected in the thorax."
+
+
+# ---- Reading the kinds back from a report (reference or generated) ----
+
+_NEGATION = re.compile(r"\b(?:no|not|without)\b", re.IGNORECASE)
+_SIZED_NODULE = re.compile(r"\bnodule measuring \d|\b\d+(?:\.\d+)? mm nodule", re.IGNORECASE)
+_KIND_PATTERNS: dict[str, tuple[re.Pattern, ...]] = {
+    "aortic calcification": (re.compile(r"calci\w*[^.]*thoracic aorta", re.IGNORECASE),),
+    "coronary calcification": (re.compile(r"calci\w*[^.]*coronary arter", re.IGNORECASE),),
+    "pleural effusion": (re.compile(r"pleural effusion", re.IGNORECASE),),
+    "consolidation": (re.compile(r"consolidation", re.IGNORECASE),),
+    "opacity": (re.compile(r"ground-glass", re.IGNORECASE),),
+    "emphysema": (re.compile(r"emphysema", re.IGNORECASE),),
+    "cardiomegaly": (re.compile(r"cardiomegaly", re.IGNORECASE),),
+    "pericardial effusion": (re.compile(r"pericardial effusion", re.IGNORECASE),),
+    "lymphadenopathy": (re.compile(r"enlarged lymph nodes|lymphadenopathy", re.IGNORECASE),),
+}
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences of a report: split after '.', ';' or ':' followed by white space (keeps "2.5 mm")."""
+    return [p.strip() for p in re.split(r"(?<=[.;:])\s+", text) if p.strip()]
+
+
+def read_findings(text: str) -> set[str]:
+    """The finding kinds a phantom-style report states as present (negated sentences say absent).
+
+    A sentence naming a millimetric nodule is a ``small nodule``; any other sized nodule is a
+    ``large nodule``. The phantom's normal statements all carry a negation ("No ...", "... was
+    not detected"), so a negated sentence never counts as a finding.
+    """
+    found: set[str] = set()
+    for sentence in sentences(text):
+        if _NEGATION.search(sentence):
+            continue
+        if "millimetric" in sentence.lower():
+            found.add("small nodule")
+        elif _SIZED_NODULE.search(sentence):
+            found.add("large nodule")
+        for kind, patterns in _KIND_PATTERNS.items():
+            if any(p.search(sentence) for p in patterns):
+                found.add(kind)
+    return found

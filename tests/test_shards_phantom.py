@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from shards.ingest import Record, load_canonical
-from shards.phantom import PHANTOM_CLASSES, Grid, generate_phantom, make_volume, volume_path
+from shards.phantom import HR_ONLY_FILL, PHANTOM_CLASSES, Grid, generate_phantom, make_volume, volume_path
+from shards.phantom_report import HR_ONLY_KINDS, KINDS, LR_VISIBLE_KINDS, read_findings
 from shards.schema import CLASSES
 
 SIZE = (32, 64, 64)
@@ -203,3 +204,43 @@ def test_workers_do_not_change_the_output(tmp_path: Path) -> None:
     assert len(files) == 4 + 6
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_hr_only_and_lr_visible_groups_hold_by_physics() -> None:
+    """At the main job's size every finding's LR fill puts it in its kind's group, and both
+    groups occur often enough to be scored."""
+    seen = {"hr-only": 0, "lr-visible": 0}
+    for i in range(40):
+        _, _, findings = make_volume(SIZE, seed=0, index=i)
+        for f in findings:
+            hr_only = f["kind"] in HR_ONLY_KINDS
+            assert (f["lr_fill"] < HR_ONLY_FILL) == hr_only, (i, f)
+            assert f["visibility"] == ("hr-only" if hr_only else "lr-visible")
+            seen[f["visibility"]] += 1
+    assert seen["hr-only"] >= 20 and seen["lr-visible"] >= 40, seen
+    assert set(KINDS) == set(HR_ONLY_KINDS) | set(LR_VISIBLE_KINDS)
+
+
+def test_small_nodule_is_one_voxel_and_large_fills_an_lr_voxel() -> None:
+    _, _, small = make_volume(SIZE, seed=4, index=0, classes={"small nodule"})
+    _, _, large = make_volume(SIZE, seed=4, index=0, classes={"large nodule"})
+    assert {f["kind"] for f in small} == {"small nodule"}
+    assert all(f["lr_fill"] == 0.125 for f in small)  # one voxel of a 2x2x2 LR block
+    assert {f["kind"] for f in large} == {"large nodule"}
+    assert all(f["lr_fill"] >= 0.5 for f in large)
+
+
+def test_read_findings_recovers_the_kinds_from_every_report(phantom: Path) -> None:
+    meta = {
+        r["VolumeName"]: json.loads(r["Findings"])
+        for s in ("train", "valid")
+        for r in _rows(phantom / "metadata" / f"{s}_metadata.csv")
+    }
+    for s in ("train", "valid"):
+        for r in _rows(phantom / "radiology_text_reports" / f"{s}_reports.csv"):
+            assert read_findings(r["Findings_EN"]) == {f["kind"] for f in meta[r["VolumeName"]]}
+    assert read_findings("No nodule or mass was detected in either lung.") == set()
+    assert read_findings("There is a millimetric nodule of 4 mm in the left lung upper lobe.") == {
+        "small nodule"
+    }
+    assert read_findings("There is a 2.5 mm nodule in the left lung upper lobe.") == {"large nodule"}
