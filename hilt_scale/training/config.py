@@ -55,6 +55,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval: bool = True  # --no-eval: skip evaluation (and the baseline) entirely
     export: bool = True
+    # Bad samples (unreadable volume, ...) in training and evaluation: "raise" stops with an error
+    # naming the file and key; "skip" leaves them out and counts them by reason in summary.json.
+    on_error: str = "raise"
     trace_keys: bool = False  # write keys.rank{r}.json: the sample keys each rank trained on, in order
     # Embedded default: phantom size.
     phantom_n: int = 240
@@ -83,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--set", dest="set", action="append", default=None, metavar="SECTION.FIELD=VALUE",
                 help="override a model config field, e.g. --set llm.lora_r=16 (repeatable; after the recipe's)",
             )  # fmt: skip
+        elif f.name == "on_error":
+            p.add_argument(*names, dest=f.name, choices=("raise", "skip"), default=None)
         elif f.name == "recipe":
             p.add_argument("--recipe", dest="recipe", choices=sorted(RECIPES), default=None)
         else:

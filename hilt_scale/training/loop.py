@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 
 from hilt_scale.model.config import ModelConfig, apply_overrides, model_config
 from hilt_scale.training.config import TrainConfig
-from hilt_scale.training.data import constant_report, eval_batches, prepare_data, split_reports
+from hilt_scale.training.data import constant_report, prepare_data, split_reports
 from hilt_scale.training.distributed import (
     ds_values,
     fill_ds_config,
@@ -41,7 +43,50 @@ def build_run_model(cfg: TrainConfig, mcfg: ModelConfig, tokenizer_dir: str | No
     return build_model(mcfg)
 
 
-def evaluate(engine: Any, cfg: TrainConfig, eval_path: str, step: int, rank: int, world: int) -> dict | None:
+def eval_inputs(
+    path: str, cfg: TrainConfig, rank: int, world: int, skipped: Counter | None = None
+) -> Iterator[Any]:
+    """``data.eval_batches`` under the run's ``--on-error`` policy.
+
+    ``skip``: a volume that cannot be read is left out and counted in ``skipped`` by reason; the
+    good volumes of its batch are kept. ``raise``: every rank raises the first bad volume's error
+    together (one small collective per batch), so no rank is left waiting in a collective.
+    """
+    from hilt_scale.training.checkpoint import first_error
+    from shards.batch import stack_batch
+    from shards.ingest import DataError
+    from shards.read import ShardSet
+
+    shard_set = ShardSet(path)
+    entries = shard_set.entries(cfg.eval_split)[: cfg.eval_limit or None]
+    mine, size = entries[rank::world], cfg.eval_batch
+    for i in range(math.ceil(math.ceil(len(entries) / world) / size)):
+        samples, err = [], None
+        for entry in mine[i * size : (i + 1) * size]:
+            try:
+                samples.append(shard_set.read(*entry))
+            except DataError as exc:
+                if cfg.on_error == "raise":
+                    err = str(exc)
+                    break
+                if skipped is not None:
+                    skipped[exc.reason] += 1
+        if cfg.on_error == "raise":
+            err = first_error(err)
+            if err is not None:
+                raise DataError(f"evaluation volume of {path}: {err} (--on-error skip leaves it out)")
+        yield stack_batch(samples) if samples else None
+
+
+def evaluate(
+    engine: Any,
+    cfg: TrainConfig,
+    eval_path: str,
+    step: int,
+    rank: int,
+    world: int,
+    skipped: Counter | None = None,
+) -> dict | None:
     """Generate reports for the eval split on all ranks, gather on rank 0, score, write predictions."""
     import torch.distributed as dist
 
@@ -52,7 +97,7 @@ def evaluate(engine: Any, cfg: TrainConfig, eval_path: str, step: int, rank: int
     kwargs = {"synced_gpus": True} if stage3 and world > 1 else {}
     hr_size = tuple(model.cfg.resolution.hr_size)
     records = []
-    for batch in eval_batches(eval_path, cfg.eval_split, cfg.eval_limit, cfg.eval_batch, rank, world):
+    for batch in eval_inputs(eval_path, cfg, rank, world, skipped):
         if batch is None and not stage3:
             continue
         hr = batch["hr"] if batch is not None else torch.zeros((1, 1, *hr_size), dtype=torch.uint8)
@@ -75,6 +120,11 @@ def evaluate(engine: Any, cfg: TrainConfig, eval_path: str, step: int, rank: int
     return {"step": step, "n": len(records), **scores}
 
 
+def nonempty(collate: Any) -> Any:
+    """``collate`` for batches with samples; an empty batch (all skipped) is passed on as is."""
+    return lambda batch: collate(batch) if len(batch["key"]) else batch
+
+
 class Batches:
     """Endless micro-batches over epochs; the loader itself keeps the exact (epoch, position)."""
 
@@ -88,11 +138,14 @@ class Batches:
         return self.loader.epoch
 
     def next(self) -> dict:
-        try:
-            batch = next(self.it)
-        except StopIteration:  # the loader moved itself to the next epoch
-            self.it = iter(self.loader)
-            batch = next(self.it)
+        while True:
+            try:
+                batch = next(self.it)
+            except StopIteration:  # the loader moved itself to the next epoch
+                self.it = iter(self.loader)
+                batch = next(self.it)
+            if len(batch["key"]):  # under --on-error skip a batch of only bad samples is empty
+                break
         if self.seen is not None:
             self.seen += batch["key"]
         return batch
@@ -146,7 +199,8 @@ def run(cfg: TrainConfig) -> dict | None:
     model = build_run_model(cfg, mcfg, tokenizer_dir)
     loader = ShardLoader(
         data_path, split="train", batch_size=cfg.micro_batch, shuffle=True, seed=cfg.seed,
-        rank=rank, world_size=world, num_workers=cfg.num_workers, collate_fn=model.collator(),
+        rank=rank, world_size=world, num_workers=cfg.num_workers, collate_fn=nonempty(model.collator()),
+        on_error=cfg.on_error,
     )  # fmt: skip
     accum = grad_accum(cfg, world)
     steps_per_epoch = len(loader) // accum
@@ -163,22 +217,46 @@ def run(cfg: TrainConfig) -> dict | None:
 
     step, batches = 0, Batches(loader, cfg.trace_keys)
     ckpt_dir = out / "checkpoints"
-    loaded = checkpoint.load(engine, ckpt_dir) if cfg.resume else None
+    identity = checkpoint.run_identity(cfg, mcfg, data_path, world, engine.zero_optimization_stage())
+    say = print if rank == 0 else (lambda _msg: None)
+    loaded = checkpoint.load(engine, ckpt_dir, identity, log=say) if cfg.resume else None
+    saved_step = None  # the step of the checkpoint on disk: never saved again (no rewrite in place)
     if loaded is not None:
         client, trainer = loaded
         before = client["config"]
         changed = [k for k in RESUME_KEYS if before.get(k) != dataclasses.asdict(cfg).get(k)]
         if changed or client["world"] != world:
             raise ValueError(f"{ckpt_dir}: cannot resume with changed {changed or ['world size']}")
-        step = client["step"]
+        step = saved_step = client["step"]
         loader.load_state_dict(trainer["loader"])
+        loader.skipped.update(trainer.get("skipped", {}))
         batches = Batches(loader, cfg.trace_keys)
         checkpoint.set_rng_state(trainer["rng"])
 
     def save() -> None:
+        nonlocal saved_step
+        if step == saved_step:  # e.g. resuming a finished run: that checkpoint is already on disk
+            return
         client = {"step": step, "world": world, "config": dataclasses.asdict(cfg)}
-        trainer = {"loader": loader.state_dict(), "rng": checkpoint.rng_state()}
-        checkpoint.save(engine, ckpt_dir, step, client, trainer, keep=cfg.keep_checkpoints)
+        trainer = {
+            "loader": loader.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "skipped": dict(loader.skipped),
+        }
+        checkpoint.save(engine, ckpt_dir, step, client, trainer, cfg.keep_checkpoints, identity)
+        saved_step = step
+
+    eval_skipped: Counter = Counter()
+    eval_errors: list[str] = []
+
+    def safe_evaluate() -> dict | None:
+        """Evaluate; a failure is recorded (summary.json) instead of costing the export and summary."""
+        try:
+            return evaluate(engine, cfg, eval_path, step, rank, world, eval_skipped)
+        except Exception as exc:
+            eval_errors.append(f"step {step}: {type(exc).__name__}: {exc}")
+            say(f"evaluation at step {step} failed: {type(exc).__name__}: {exc}")
+            return None
 
     log = RunLog(out, enabled=rank == 0, total_steps=total, start_step=step)
     if rank == 0:
@@ -203,14 +281,15 @@ def run(cfg: TrainConfig) -> dict | None:
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save()
             if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                scores = evaluate(engine, cfg, eval_path, step, rank, world)
+                scores = safe_evaluate()
                 log.eval(step, scores or {})
         save()
     if batches.seen is not None:
         write_json_atomic(out / f"keys.rank{rank}.json", batches.seen)
-    scores = evaluate(engine, cfg, eval_path, step, rank, world) if cfg.eval else None
+    scores = safe_evaluate() if cfg.eval else None
     if cfg.export:
         checkpoint.export(engine, out / "export", {"train_config.json": dataclasses.asdict(cfg)})
+    skipped = {"train": _sum_counts(loader.skipped), "eval": _sum_counts(eval_skipped)}
     if rank != 0:
         return None
     baseline = None
@@ -233,13 +312,32 @@ def run(cfg: TrainConfig) -> dict | None:
         "data": data_path,
         "eval_data": eval_path,
         "eval_split": cfg.eval_split,
+        "on_error": cfg.on_error,
+        "skipped": skipped,  # samples left out under --on-error skip, by reason
+        "eval_errors": eval_errors,
     }
     write_json_atomic(out / "summary.json", summary)
     if scores is not None:
         title = f"{Path(eval_path).name}:{cfg.eval_split}, {scores['n']} volumes, step {step}"
         log.console.print(score_table({"model": scores, "constant report": baseline}, title))
     log.console.print(f"run directory: {out}  (wall time {summary['wall_s']:.0f} s)")
+    if eval_errors:
+        raise SystemExit(
+            f"evaluation failed ({'; '.join(eval_errors)}); export and {out / 'summary.json'} were written"
+        )
     return summary
+
+
+def _sum_counts(counts: Counter) -> dict[str, int]:
+    """Per-reason counts summed over all ranks (collective)."""
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, dict(counts))
+    total: Counter = Counter()
+    for part in parts:
+        total.update(part)
+    return dict(sorted(total.items()))
 
 
 def baseline_scores(data_path: str, cfg: TrainConfig) -> dict:
