@@ -167,11 +167,89 @@ PHRASES: dict[str, tuple[str | tuple[str, str], ...]] = {
 }
 
 
-def _compile(phrase: str | tuple[str, str]) -> tuple[re.Pattern, re.Pattern | None]:
+# "A, then B later in the same sentence part": as one regex, ``A[^.;]*?B`` rescans the rest of
+# the clause from every A, quadratic in clause length (0.9 s at 4k words, 23 s at 16k words on a
+# clause full of "effusion"s without "pericardial"). ``_Near`` finds the same first match in linear
+# time, so such phrases are written in this form and compiled into a ``_Near``.
+_GAP = "[^.;]*?"
+
+
+class _Span:
+    """The part of ``re.Match`` the labeler uses."""
+
+    def __init__(self, text: str, start: int, end: int) -> None:
+        self.string, self._start, self._end = text, start, end
+
+    def start(self) -> int:
+        return self._start
+
+    def end(self) -> int:
+        return self._end
+
+    def span(self) -> tuple[int, int]:
+        return self._start, self._end
+
+    def group(self, n: int = 0) -> str:
+        if n:
+            raise IndexError("no such group")
+        return self.string[self._start : self._end]
+
+
+class _Near:
+    """``re.compile(a + "[^.;]*?" + b).search`` in linear time (the same first match).
+
+    For each start of ``a`` in order (the regex's order), the match is the first ``b`` at or after
+    the end of ``a`` if no "." or ";" lies between. The next ``b`` and the next stop are cached
+    and only searched again past the point reached, so the clause is scanned a bounded number of
+    times. Equivalence with the regex holds because every ``b`` here starts with ``\b`` and a
+    word character, so a shorter ``a`` (backtracking) never lets a ``b`` start inside ``a``.
+    """
+
+    def __init__(self, a: str, b: str) -> None:
+        self.a, self.b = re.compile(a), re.compile(b)
+        self.pattern = a + _GAP + b
+
+    def search(self, text: str) -> _Span | None:
+        b_from, b_hit = -1, None  # b_hit: the first b match at or after b_from
+        s_from, s_at = -1, -1  # s_at: the first "." or ";" at or after s_from (len(text): none)
+        pos = 0
+        while True:
+            m = self.a.search(text, pos)
+            if m is None:
+                return None
+            end = m.end()
+            if not (0 <= b_from <= end and (b_hit is None or b_hit.start() >= end)):
+                b_from, b_hit = end, self.b.search(text, end)
+            if b_hit is None:
+                return None  # no b after here: no later a can match either
+            if not (0 <= s_from <= end and s_at >= end):
+                s_from, s_at = end, _next_stop(text, end)
+            if b_hit.start() <= s_at:
+                return _Span(text, m.start(), b_hit.end())
+            pos = m.start() + 1
+
+
+_STOP = re.compile(r"[.;]")
+
+
+def _next_stop(text: str, start: int) -> int:
+    """Index of the first "." or ";" at or after ``start``; ``len(text)`` when there is none."""
+    m = _STOP.search(text, start)
+    return m.start() if m else len(text)
+
+
+def _compile_one(pattern: str) -> re.Pattern | _Near:
+    if _GAP in pattern:
+        a, b = pattern.split(_GAP, 1)
+        return _Near(a, b)
+    return re.compile(pattern)
+
+
+def _compile(phrase: str | tuple[str, str]) -> tuple[re.Pattern | _Near, re.Pattern | _Near | None]:
     """Compile a phrase and its optional veto."""
     if isinstance(phrase, tuple):
-        return re.compile(phrase[0]), re.compile(phrase[1])
-    return re.compile(phrase), None
+        return _compile_one(phrase[0]), _compile_one(phrase[1])
+    return _compile_one(phrase), None
 
 
 _COMPILED = {name: [_compile(p) for p in PHRASES[name]] for name in CLASSES}
@@ -262,15 +340,15 @@ def clinical_efficacy(truth: list[dict[str, int]], predicted: list[dict[str, int
         fp = sum(1 for t, p in zip(truth, predicted) if not t[name] and p[name])
         fn = sum(1 for t, p in zip(truth, predicted) if t[name] and not p[name])
         tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
-        per_class[name] = {**_prf(tp, fp, fn), "support": tp + fn}
-    out = {f"ce_micro_{k}": v for k, v in _prf(tp_all, fp_all, fn_all).items()}
+        per_class[name] = {**prf(tp, fp, fn), "support": tp + fn}
+    out = {f"ce_micro_{k}": v for k, v in prf(tp_all, fp_all, fn_all).items()}
     for k in ("precision", "recall", "f1"):
         out[f"ce_macro_{k}"] = sum(c[k] for c in per_class.values()) / len(CLASSES)
     out["per_class"] = per_class
     return out
 
 
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+def prf(tp: float, fp: float, fn: float) -> dict[str, float]:
     """Precision, recall and F1 from counts; 0 where undefined."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hilt_scale.evaluation import metrics
-from hilt_scale.evaluation.labeler import clinical_efficacy, label_reports
+from hilt_scale.evaluation.labeler import clinical_efficacy, label_reports, prf
 from shards.io import read_jsonl
 from shards.schema import CLASSES
 
@@ -41,10 +41,12 @@ def check_records(records: Sequence[dict], source: str = "records") -> None:
         seen[rec["key"]] = number
 
 
-def evaluate_records(records: Sequence[dict], bootstrap: int = 0, seed: int = 0) -> dict:
+def evaluate_records(
+    records: Sequence[dict], bootstrap: int = 0, seed: int = 0, tokenizer: str = "auto"
+) -> dict:
     """Nine metrics (0-100) + clinical efficacy (0-1) of ``generated`` against ``reference``.
 
-    Keys: those of ``metrics.compute_metrics``; ``ce_{micro,macro}_{precision,recall,f1}`` and
+    Keys: those of ``metrics.compute_metrics`` (``tokenizer``: auto | ptb | python); ``ce_{micro,macro}_{precision,recall,f1}`` and
     ``ce_per_class`` from labelling both texts with ``hilt_scale.labeler``; ``n``,
     ``n_empty_generated``; with ``bootstrap`` > 0, ``ci95`` -> {average, ce_micro_f1,
     ce_macro_f1: [low, high]} from that many resamples of the reports.
@@ -52,8 +54,8 @@ def evaluate_records(records: Sequence[dict], bootstrap: int = 0, seed: int = 0)
     check_records(records)
     refs = [r["reference"] for r in records]
     gens = [r["generated"] for r in records]
-    scores = metrics.per_report_scores(refs, gens)
-    out = metrics.summarize(scores["corpus"], scores["unavailable"])
+    scores = metrics.per_report_scores(refs, gens, tokenizer)
+    out = metrics.summarize(scores["corpus"], scores["unavailable"], scores["tokenizer"])
     truth, predicted = label_reports(refs), label_reports(gens)
     efficacy = clinical_efficacy(truth, predicted)
     out.update({k: v for k, v in efficacy.items() if k != "per_class"})
@@ -92,17 +94,12 @@ def bootstrap_ci(scores: dict, truth: list[dict], predicted: list[dict], resampl
         tp = (t[idx] & p[idx]).sum(0)
         fp = (~t[idx] & p[idx]).sum(0)
         fn = (t[idx] & ~p[idx]).sum(0)
-        micro.append(_f1(tp.sum(), fp.sum(), fn.sum()))
-        macro.append(float(np.mean([_f1(a, b, c) for a, b, c in zip(tp, fp, fn)])))
+        micro.append(prf(tp.sum(), fp.sum(), fn.sum())["f1"])
+        macro.append(float(np.mean([prf(a, b, c)["f1"] for a, b, c in zip(tp, fp, fn)])))
     return {
         name: _interval(v)
         for name, v in (("average", averages), ("ce_micro_f1", micro), ("ce_macro_f1", macro))
     }
-
-
-def _f1(tp: float, fp: float, fn: float) -> float:
-    """F1 from counts (0 where undefined), as ``labeler.clinical_efficacy`` computes it."""
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
 def _interval(values: list[float]) -> list[float]:
@@ -135,6 +132,15 @@ def format_report(scores: dict) -> str:
         rows.append(f"| {name} | {scores[name]:.3f} | {interval} |")
     rows.append(f"\naverage of {len(scores['average_of'])}: {', '.join(scores['average_of'])}; ")
     rows[-1] += f"{scores['n']} reports, {scores['n_empty_generated']} empty generated"
+    if scores.get("approximate"):
+        rows.append(
+            f"tokenizer: {scores.get('tokenizer')} (no Java): the text metrics only APPROXIMATE the standard "
+            "pycocoevalcap PTB tokenisation; install Java for comparable numbers"
+        )
+    else:
+        rows.append(
+            f"tokenizer: {scores.get('tokenizer', 'ptb')} (pycocoevalcap PTBTokenizer, lowercased text)"
+        )
     return "\n".join(rows)
 
 
