@@ -1,0 +1,153 @@
+"""Expand a grid (or a named paper experiment) into training runs, then plan or run them.
+
+    python -m hilt_scale.sweep --experiment fig5d --scale paper --plan
+    python -m hilt_scale.sweep --experiment fig5c --scale cpu --run --out runs/sweep-fig5c
+    python -m hilt_scale.sweep --experiment hr-study --scale cpu --run --out DIR --seeds 0,1,2 [--quick]
+    python -m hilt_scale.sweep --vision vit-micro,vit-tiny --llm llm-micro --seeds 0,1 --run --out DIR
+
+Axes take comma-separated values (sizes as DxHxW). A run is ``python hilt_scale/train.py ...`` in
+its own directory DIR/runs/NAME; rerunning the same command resumes the sweep (runs with a
+summary.json are skipped). See docs/SWEEPS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hilt_scale.sweep.grid import (
+    AXES,
+    EXPERIMENT_TITLES,
+    EXPERIMENTS,
+    QUICK_VARIANTS,
+    SCALES,
+    expand,
+    grids_for,
+    parse_list,
+)
+
+# TrainConfig flags a sweep passes to every run when given (the budget; same for every run).
+PASS_FLAGS = (
+    "resolution",
+    "epochs",
+    "max_steps",
+    "lr",
+    "micro_batch",
+    "total_batch",
+    "eval_limit",
+    "eval_batch",
+    "max_new_tokens",
+    "num_beams",
+)
+# The hr-study's budget, identical for every variant (docs/SWEEPS.md); flags override it.
+STUDY_BUDGET = {
+    "resolution": "cpu-tiny",
+    "vision": "vit-micro",
+    "llm": "llm-tiny",
+    "epochs": "10",
+    "num_beams": "1",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hilt_scale.sweep",
+        description=__doc__.split("\n")[0],
+        epilog="experiments: " + "; ".join(f"{k} = {v}" for k, v in EXPERIMENT_TITLES.items()),
+    )
+    p.add_argument("--experiment", choices=sorted(EXPERIMENTS))
+    p.add_argument("--scale", choices=SCALES, default="cpu")
+    for axis in AXES:
+        p.add_argument("--" + axis.replace("_", "-"), dest=axis, metavar="A,B,...", help=f"axis {axis}")
+    p.add_argument("--seeds", default=None, help="training seeds, e.g. 0,1,2 (default 0; hr-study 0,1,2)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--plan", action="store_true", help="print the plan (Markdown + JSON), run nothing")
+    mode.add_argument("--run", action="store_true", help="run (or resume) the sweep")
+    p.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-EXPERIMENT-SCALE)")
+    p.add_argument("--quick", action="store_true", help="hr-study: hilt, lr-only and random-queries only")
+    for name in PASS_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help="passed to every run")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="for every run")
+    p.add_argument(
+        "--data", help="shard set for every run (default: cpu = the sweep's own phantom; paper = recipe)"
+    )
+    p.add_argument("--phantom-n", type=int, default=240, help="cpu scale: phantom volumes (default 240)")
+    p.add_argument(
+        "--phantom-seed", type=int, default=0, help="cpu scale: phantom seed, the same for every run"
+    )
+    p.add_argument("--run-timeout", type=float, default=None, help="seconds before a run counts as failed")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory the plan must fit (GB)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    exp, scale = args.experiment, args.scale
+    given = {axis: parse_list(getattr(args, axis)) for axis in AXES}
+    if exp == "hr-study" and args.quick and not given["connector"]:
+        given["connector"] = list(QUICK_VARIANTS)
+    try:
+        grids = grids_for(exp, scale, given)
+    except (KeyError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    seeds = [int(s) for s in parse_list(args.seeds or ("0,1,2" if exp == "hr-study" else "0"))]
+    flags = dict(STUDY_BUDGET) if exp == "hr-study" else {}
+    if scale == "cpu" and exp != "hr-study":
+        flags.setdefault("resolution", "cpu-tiny")
+    flags.update({k: getattr(args, k) for k in PASS_FLAGS if getattr(args, k) is not None})
+    # The budget's model fields are defaults: an axis of the grid replaces them per run.
+    specs = expand(
+        grids,
+        scale,
+        seeds,
+        {k: v for k, v in flags.items() if k not in ("vision", "llm", "connector")},
+        args.set,
+        args.data,
+    )
+    for s in specs:
+        for k in ("vision", "llm", "connector"):
+            if k in flags and k not in s.axes:
+                s.flags[k] = flags[k]
+    out = args.out or Path("runs") / f"sweep-{exp or 'grid'}-{scale}"
+    title = f"{EXPERIMENT_TITLES.get(exp or '', 'sweep')}, scale {scale}"
+    if args.plan:
+        from hilt_scale.sweep.plan import plan_markdown, plan_run
+
+        rows = [plan_run(s, out, args.gpus_per_node, args.gpu_gb) for s in specs]
+        print(f"# Plan: {title}\n")
+        print(plan_markdown(rows, args.gpu_gb))
+        print(json.dumps({"experiment": exp, "scale": scale, "runs": rows}))
+        return {"plan": rows}
+    from hilt_scale.sweep import execute
+
+    phantom = None
+    if scale == "cpu" and args.data is None:
+        phantom = {"n": args.phantom_n, "seed": args.phantom_seed}
+    rows = execute.run_sweep(specs, out, args.run_timeout, phantom=phantom)
+    rows = execute.collect(rows, out, phantom is not None or exp == "hr-study")
+    result = execute.write_outputs(rows, out, exp, title)
+    print(f"\n# {title}\n\n{result['table']}\n")
+    if result["png"]:
+        print(f"figure: {result['png']}")
+    if exp == "hr-study":
+        from hilt_scale.sweep.study import plot_study, study_markdown, study_results
+        from shards.io import write_json_atomic, write_text_atomic
+
+        shards = next((s.flags["data"] for s in specs if "data" in s.flags), None)
+        baseline = execute.constant_report_groups(shards) if shards else None
+        results = study_results(rows, baseline)
+        results["budget"] = {"flags": flags, "seeds": seeds, "phantom": phantom, "data": shards}
+        write_json_atomic(out / "results.json", results)
+        md = study_markdown(results)
+        write_text_atomic(out / "results.md", md + "\n")
+        plot_study(results, str(out / "hr_study.png"))
+        print(f"\n{md}\n\nresults: {out / 'results.json'}, figure: {out / 'hr_study.png'}")
+        result["results"] = results
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""``--run``: data once per sweep, each run as its own ``python hilt_scale/train.py`` subprocess
+(a crash cannot take the sweep down), resume (runs with summary.json are not rerun), then the
+collected table (seeds as mean ± std) and the experiment's figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from hilt_scale.sweep.grid import EXPERIMENT_TITLES, RunSpec
+from hilt_scale.sweep.plan import ROOT
+from hilt_scale.sweep.study import group_f1, mean_std
+from shards.io import read_jsonl, write_json_atomic, write_text_atomic
+
+
+def prepare_phantom(out: Path, n: int, sizes: list[str], seed: int, log=print) -> tuple[dict[str, str], str]:
+    """One phantom (CT-RATE layout) for the whole sweep at the largest HR size, shards per HR size,
+    one tokenizer: {hr size: shard set}, tokenizer dir. Built once; a finished part is reused."""
+    from hilt_scale.training.data import SAMPLES_PER_SHARD, split_reports, train_tokenizer_dir
+    from shards.phantom import generate_phantom
+    from shards.schema import parse_size
+    from shards.write import write_shards
+
+    data = out / "data"
+    parsed = {s: parse_size(s) for s in sizes}
+    native = tuple(max(p[i] for p in parsed.values()) for i in range(3))
+    raw = data / f"phantom-n{n}-{'x'.join(map(str, native))}-seed{seed}"
+    if not (raw / "done").exists():
+        log(f"phantom: {n} volumes at {native}, seed {seed} -> {raw}")
+        generate_phantom(raw, n, native, seed=seed, workers=min(2, os.cpu_count() or 1))
+        write_text_atomic(raw / "done", "")
+    shard_sets = {}
+    for text, size in parsed.items():
+        path = data / f"shards-{'x'.join(map(str, size))}"
+        if not (path / "index.json").exists():
+            log(f"shards at {size} -> {path}")
+            write_shards(raw, path, hr_size=size, samples_per_shard=SAMPLES_PER_SHARD, progress=False)
+        shard_sets[text] = str(path)
+    tokenizer = data / "tokenizer"
+    if not tokenizer.exists():
+        train_tokenizer_dir(split_reports(next(iter(shard_sets.values())), "train"), tokenizer)
+    return shard_sets, str(tokenizer)
+
+
+def _hr_size_of(spec: RunSpec) -> str:
+    """The run's HR size (its --set, else its resolution preset's)."""
+    for item in spec.sets:
+        if item.startswith("resolution.hr_size="):
+            return item.split("=", 1)[1]
+    from hilt_scale.model.config import preset
+
+    return "x".join(map(str, preset("resolution", spec.flags["resolution"]).hr_size))
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def run_sweep(
+    specs: list[RunSpec], out: Path, timeout: float | None = None, log=print, phantom: dict | None = None
+) -> list[dict]:
+    """Run every spec that has no summary.json yet, one after another; return the status rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    if phantom is not None:  # cpu scale: the sweep's own phantom, same data for every run
+        shard_sets, tokenizer = prepare_phantom(
+            out, phantom["n"], sorted({_hr_size_of(s) for s in specs}), phantom["seed"], log
+        )
+        for s in specs:
+            s.flags["data"] = shard_sets[_hr_size_of(s)]
+            s.sets = [*s.sets, f"llm.tokenizer_path={tokenizer}"]
+    status_path = out / "sweep.json"
+    rows: list[dict] = []
+    t0, done_now = time.perf_counter(), 0
+    todo = [s for s in specs if not (out / "runs" / s.name / "summary.json").exists() and not s.pending]
+    for i, spec in enumerate(specs):
+        run_dir = out / "runs" / spec.name
+        row = {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
+        if (run_dir / "summary.json").exists():
+            rows.append({**row, "status": "done", "resumed": True})
+            continue
+        if spec.pending:
+            rows.append({**row, "status": "pending", "reason": spec.pending})
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = spec.command(run_dir)
+        if (run_dir / "checkpoints" / "LATEST").exists():
+            cmd.append("--resume")
+        elapsed = time.perf_counter() - t0
+        eta = f", ETA {_fmt(elapsed / done_now * (len(todo) - done_now))}" if done_now else ""
+        log(
+            f"[sweep] run {done_now + 1}/{len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}"
+        )
+        write_text_atomic(run_dir / "command.txt", " ".join(cmd) + "\n")
+        start = time.perf_counter()
+        with open(run_dir / "train.log", "w", encoding="utf-8") as fh:
+            try:
+                rc = subprocess.run(
+                    cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout
+                ).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        wall = round(time.perf_counter() - start, 1)
+        done_now += 1
+        if rc == 0 and (run_dir / "summary.json").exists():
+            rows.append({**row, "status": "done", "wall_s": wall})
+            log(f"[sweep]   done in {_fmt(wall)}")
+        else:
+            tail = (
+                (run_dir / "train.log")
+                .read_text(encoding="utf-8", errors="replace")
+                .strip()
+                .splitlines()[-3:]
+            )
+            rows.append({**row, "status": "failed", "rc": rc, "wall_s": wall, "log_tail": tail})
+            log(f"[sweep]   FAILED (rc {rc}) after {_fmt(wall)}; see {run_dir / 'train.log'}")
+        write_json_atomic(status_path, {"runs": rows, "left": [s.name for s in specs[i + 1 :]]})
+    write_json_atomic(status_path, {"runs": rows, "left": [], "wall_s": round(time.perf_counter() - t0, 1)})
+    log(
+        f"[sweep] {sum(r['status'] == 'done' for r in rows)} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
+        f"{sum(r['status'] == 'pending' for r in rows)} pending; this invocation {_fmt(time.perf_counter() - t0)}"
+    )
+    return rows
+
+
+def collect(rows: list[dict], out: Path, phantom: bool) -> list[dict]:
+    """Add each done run's table fields (scoring.run_row: the compare logic) and scores."""
+    from hilt_scale.evaluation.scoring import run_row
+
+    for row in rows:
+        if row["status"] != "done":
+            continue
+        run_dir = out / "runs" / row["run"]
+        info = run_row(run_dir)
+        scores = next(iter(info["eval"].values())) or {}
+        row.update(
+            method=info["method"],
+            hr_size=info["hr_size"],
+            visual_tokens=info["visual_tokens"],
+            llm=info["llm"],
+        )
+        row["scores"] = {k: scores.get(k) for k in ("average", "ce_micro_f1", "ce_macro_f1")}
+        if phantom and (run_dir / "predictions.jsonl").exists():
+            g = group_f1(read_jsonl(run_dir / "predictions.jsonl"))
+            row["scores"].update(f1_hr_only=g["f1_hr_only"], f1_lr_visible=g["f1_lr_visible"])
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per group (grid point): seeds as mean ± std, failed / pending seeds counted."""
+    groups: dict[str, dict] = {}
+    for r in rows:
+        g = groups.setdefault(r["group"], {"group": r["group"], "axes": r["axes"], "runs": []})
+        g["runs"].append(r)
+    out = []
+    for g in groups.values():
+        done = [r for r in g["runs"] if r["status"] == "done"]
+        first = done[0] if done else {}
+        metrics = sorted({k for r in done for k in r.get("scores", {})})
+        out.append(
+            {
+                **{k: first.get(k) for k in ("method", "hr_size", "visual_tokens", "llm")},
+                "group": g["group"],
+                "axes": g["axes"],
+                "seeds_done": len(done),
+                "failed": [
+                    f"seed {r['seed']} (rc {r.get('rc')})" for r in g["runs"] if r["status"] == "failed"
+                ],
+                "pending": next((r["reason"] for r in g["runs"] if r["status"] == "pending"), None),
+                "metrics": {m: mean_std([r["scores"].get(m) for r in done]) for m in metrics},
+            }
+        )
+    return out
+
+
+def table_markdown(groups: list[dict]) -> str:
+    """The collected table: axes, paper-table columns, metrics as mean ± std over seeds, status."""
+    axes = list(dict.fromkeys(a for g in groups for a in g["axes"]))
+    metrics = [
+        m
+        for m in ("average", "ce_micro_f1", "ce_macro_f1", "f1_hr_only", "f1_lr_visible")
+        if any(m in g["metrics"] for g in groups)
+    ]
+    head = [*axes, "Method", "Input resolution", "Visual tokens", "LLM", "Seeds", *metrics, "Status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [g["axes"].get(a, "") for a in axes]
+        cells += [g.get("method"), g.get("hr_size"), g.get("visual_tokens"), g.get("llm"), g["seeds_done"]]
+        for m in metrics:
+            d = g["metrics"].get(m)
+            digits = 2 if m == "average" else 3
+            cells.append(f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}" if d and d["n"] else "n/a")
+        status = "ok"
+        if g["failed"]:
+            status = "failed: " + ", ".join(g["failed"])
+        elif g["pending"]:
+            status = "pending: " + g["pending"]
+        cells.append(status)
+        lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_experiment(groups: list[dict], experiment: str | None, path: Path) -> None:
+    """Per varied axis: the average of the nine metrics and finding F1 against the axis, ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = [
+        a
+        for a in dict.fromkeys(a for g in groups for a in g["axes"])
+        if len({g["axes"].get(a) for g in groups}) > 1
+    ] or list(groups[0]["axes"])[:1]
+    fig, grid = plt.subplots(len(axes), 2, figsize=(9, 3.4 * len(axes)), squeeze=False)
+    for row, axis in enumerate(axes):
+        points = [g for g in groups if axis in g["axes"]]
+        labels = [g["axes"][axis] for g in points]
+        x = list(range(len(points)))
+        for col, names in enumerate((("average",), ("ce_micro_f1", "ce_macro_f1", "f1_hr_only"))):
+            ax = grid[row][col]
+            for name in names:
+                ys = [g["metrics"].get(name, {}) for g in points]
+                if not any(y.get("n") for y in ys):
+                    continue
+                ax.errorbar(
+                    x,
+                    [y.get("mean", float("nan")) for y in ys],
+                    yerr=[y.get("std", 0) for y in ys],
+                    marker="o",
+                    capsize=4,
+                    label=name,
+                )
+            ax.set_xticks(x, labels, rotation=15, fontsize=8)
+            ax.set_xlabel(axis)
+            ax.set_ylabel("average of 9 metrics (0-100)" if col == 0 else "finding F1 (0-1)")
+            if col == 1:
+                ax.legend(fontsize=7)
+    fig.suptitle(EXPERIMENT_TITLES.get(experiment or "", "sweep") + " (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], out: Path, experiment: str | None, title: str) -> dict[str, Any]:
+    """results table (Markdown + JSON) and figure of a finished (or partly failed) sweep."""
+    groups = aggregate(rows)
+    table = table_markdown(groups)
+    write_text_atomic(out / "table.md", f"# {title}\n\n{table}\n")
+    write_json_atomic(out / "table.json", {"groups": groups, "runs": rows})
+    png = out / f"{experiment or 'sweep'}.png"
+    if any(g["seeds_done"] for g in groups):
+        plot_experiment(groups, experiment, png)
+    return {"table": table, "groups": groups, "png": str(png) if png.exists() else None}
+
+
+def constant_report_groups(shards: str) -> dict:
+    """Group F1 and CE of the constant-report baseline on a shard set's validation reports."""
+    from hilt_scale.evaluation.scoring import evaluate_records
+    from hilt_scale.training.data import constant_report, split_reports
+
+    report = constant_report(split_reports(shards, "train"))
+    records = [
+        {"key": str(i), "reference": r, "generated": report}
+        for i, r in enumerate(split_reports(shards, "valid"))
+    ]
+    scores = evaluate_records(records)
+    return {
+        **group_f1(records),
+        **{k: scores[k] for k in ("average", "ce_micro_f1", "ce_macro_f1")},
+        "report": report,
+    }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, default=str)
