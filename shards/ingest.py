@@ -9,6 +9,7 @@ HU clip to [-1000, 200], trilinear resample, and uint8 = the window scaled to [0
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -313,8 +314,8 @@ def _open_quote(text: str) -> bool:
     """True when a quoted field of this CSV text is still open at its end."""
     try:
         list(csv.reader(io.StringIO(text), strict=True))
-    except csv.Error as e:
-        return "unexpected end of data" in str(e)
+    except csv.Error as e:  # a field past csv's size limit is a quote that swallowed the file
+        return "unexpected end of data" in str(e) or "field larger than field limit" in str(e)
     return False
 
 
@@ -333,8 +334,9 @@ def _guess_row(text: str, header: list[str]) -> dict:
     """The row as well as it can be told, to name a bad record: a record whose quote never closes is
     cut at commas, the fields before the open quote read from the left and the rest from the right."""
     if not _open_quote(text):
-        return dict(zip(header, _fields(text)))
-    naive = text.splitlines()[0].split(",")
+        with contextlib.suppress(csv.Error):
+            return dict(zip(header, _fields(text)))
+    naive = text.splitlines()[0].split(",") if text.strip() else []
     q = next((i for i, f in enumerate(naive) if f.startswith('"')), len(naive))
     right = len(header) - q - 1
     if q >= len(header) or right < 0 or len(naive) < len(header):
@@ -381,13 +383,19 @@ def read_csv_rows(
         text = buf.decode("utf-8", "replace")
         if not text.strip():
             continue
-        stopped_at = None
-        while _open_quote(text) and i < len(lines):
+        stopped_at, still_open = None, _open_quote(text)
+        raw_parts, text_parts = [buf], [text]
+        while still_open and i < len(lines):
             nxt = lines[i].decode("utf-8", "replace")
             if _looks_like_row(nxt, header, key_column):
                 stopped_at = i + 1
                 break
-            buf, text, i = buf + lines[i], text + nxt, i + 1
+            raw_parts.append(lines[i])
+            text_parts.append(nxt)
+            i += 1
+            if nxt.count('"') % 2:  # only a line with an odd number of quotes can close the field
+                still_open = _open_quote("".join(text_parts))
+        buf, text = b"".join(raw_parts), "".join(text_parts)
         guess = _guess_row(text, header)
         try:
             key = safe_key(key_of(guess)) or "-"
@@ -411,7 +419,11 @@ def read_csv_rows(
                 )
             )
             continue
-        fields = _fields(text)
+        try:
+            fields = _fields(text)
+        except csv.Error as e:
+            bad.append(DataError("bad_row", path, key, f"{where}: {e}"))
+            continue
         if len(fields) != len(header):
             bad.append(
                 DataError(
