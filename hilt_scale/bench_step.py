@@ -154,10 +154,13 @@ def set_checkpointing(model: HiltReportModel, on: bool) -> None:
     """Activation checkpointing in the ViT and the LLM (non-reentrant, like build_llm)."""
     model.vision.cfg = dataclasses.replace(model.vision.cfg, grad_checkpointing=on)
     base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    # transformers 5.2x renamed gradient_ to activation_checkpointing_*; the GPU image has 5.17.
+    kind = "activation" if hasattr(base, "activation_checkpointing_enable") else "gradient"
     if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {f"{kind}_checkpointing_kwargs": {"use_reentrant": False}}
+        getattr(base, f"{kind}_checkpointing_enable")(**kwargs)
     else:
-        base.gradient_checkpointing_disable()
+        getattr(base, f"{kind}_checkpointing_disable")()
 
 
 def assemble(cfg: ModelConfig, llm: nn.Module, device: torch.device, dtype: torch.dtype) -> HiltReportModel:
