@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the scores as JSON here (atomically)")
     parser.add_argument("--bootstrap", type=int, default=0, help="resamples for 95 %% CIs (e.g. 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument(
+        "--tokenizer", default="auto", choices=("auto", "ptb", "python"),
+        help="auto = pycocoevalcap's PTB tokenizer when Java is present, else the pure-Python approximation",
+    )  # fmt: skip
     parser.add_argument("--compare", nargs="+", type=Path, metavar="RUNDIR", help="print the benchmark table")
     args = parser.parse_args(argv)
     if (args.predictions is None) == (args.compare is None):
@@ -35,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.compare:
             print(compare_table(args.compare))
             return
-        scores = evaluate_records(read_predictions(args.predictions), args.bootstrap, args.seed)
+        scores = evaluate_records(
+            read_predictions(args.predictions), args.bootstrap, args.seed, args.tokenizer
+        )
     except (OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(format_report(scores))

@@ -1,4 +1,4 @@
-"""The nine report metrics equal the reference scorers on the same normalised text."""
+"""The nine report metrics equal pycocoevalcap's own pipeline: its PTBTokenizer, then the scorers."""
 
 import csv
 import shutil
@@ -33,31 +33,108 @@ def test_normalize_lowercases_and_drops_punctuation() -> None:
     assert metrics.normalize("...  ,;") == ""
 
 
-def test_each_metric_matches_scorer_called_directly(pairs) -> None:
+def _ptb(texts: list[str]) -> dict[int, list[str]]:
+    """The reference pipeline's tokens: pycocoevalcap's own PTBTokenizer on lowercased text."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer().tokenize({i: [{"caption": t.lower()}] for i, t in enumerate(texts)})
+
+
+class _Whitespace:
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return text.split()
+
+
+def _direct(gts: dict, res: dict, meteor: bool) -> dict[str, float]:
+    """BLEU, METEOR, ROUGE-1/2/L, CIDEr-D from the scorers called directly on given tokens."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
     from rouge_score.rouge_scorer import RougeScorer
 
-    refs, hyps = pairs
-    got = metrics.compute_metrics(refs, hyps)
-    gts = {i: [metrics.normalize(r)] for i, r in enumerate(refs)}
-    res = {i: [metrics.normalize(h)] for i, h in enumerate(hyps)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    for n in range(4):
-        assert got[f"bleu{n + 1}"] == pytest.approx(100 * bleu[n], abs=1e-9)
-    assert got["rougeL"] == pytest.approx(100 * Rouge().compute_score(gts, res)[0], abs=1e-9)
-    assert got["cider"] == pytest.approx(100 * Cider().compute_score(gts, res)[0], abs=1e-9)
-    if shutil.which("java"):
-        # The cached object is a plain pycocoevalcap Meteor (one JVM per test session).
-        meteor = metrics.meteor_scorer().compute_score(gts, res)[0]
-        assert got["meteor"] == pytest.approx(100 * meteor, abs=1e-9)
-    # rouge-score with its own default tokenizer on the normalised text (no stemming).
-    scorer = RougeScorer(["rouge1", "rouge2"])
+    out = {f"bleu{n + 1}": 100 * bleu[n] for n in range(4)}
+    out["rougeL"] = 100 * Rouge().compute_score(gts, res)[0]
+    out["cider"] = 100 * Cider().compute_score(gts, res)[0]
+    if meteor:  # the cached object is a plain pycocoevalcap Meteor (one JVM per test session)
+        out["meteor"] = 100 * metrics.meteor_scorer().compute_score(gts, res)[0]
+    scorer = RougeScorer(["rouge1", "rouge2"], tokenizer=_Whitespace())
     for name in ("rouge1", "rouge2"):
         direct = [scorer.score(gts[i][0], res[i][0])[name].fmeasure for i in gts]
-        assert got[name] == pytest.approx(100 * sum(direct) / len(direct), abs=1e-9)
+        out[name] = 100 * sum(direct) / len(direct)
+    return out
+
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="the PTB tokenizer needs Java")
+
+
+@needs_java
+def test_each_metric_matches_cocoevalcap_pipeline(pairs) -> None:
+    """PTBTokenizer().tokenize on lowercased text, then each scorer: what COCOEvalCap runs."""
+    refs, hyps = pairs
+    got = metrics.compute_metrics(refs, hyps)
+    assert got["tokenizer"] == "ptb" and got["approximate"] is False
+    tokens = _ptb(refs + hyps)
+    gts = {i: tokens[i] for i in range(len(refs))}
+    res = {i: tokens[len(refs) + i] for i in range(len(hyps))}
+    want = _direct(gts, res, meteor=True)
+    assert set(got["average_of"]) == set(want)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-9), name
     assert got["average"] == pytest.approx(sum(got[m] for m in got["average_of"]) / len(got["average_of"]))
+
+
+@needs_java
+def test_800_real_reports_tokenise_and_score_as_cocoevalcap(monkeypatch) -> None:
+    """The 800 shared reports get exactly the real PTBTokenizer's tokens, so every scorer sees
+    what COCOEvalCap would give it; the scores are then checked against a seeded shuffle both
+    ways round on 80 of them (pure-Python ROUGE-L on all 800 takes ~30 s per pass; METEOR is
+    checked on the set above: Java METEOR on long reports takes minutes)."""
+    import random
+
+    texts = _real_reports(800)
+    assert len(texts) == 800
+    real = _ptb(texts)
+    assert metrics.ptb_tokenize(texts) == [real[i][0] for i in range(800)]
+
+    def no_meteor():
+        raise RuntimeError("skipped in this test")
+
+    monkeypatch.setattr(metrics, "meteor_scorer", no_meteor)
+    n = 80
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    for ref_order, hyp_order in ((range(n), order), (order, range(n))):
+        got = metrics.compute_metrics([texts[i] for i in ref_order], [texts[i] for i in hyp_order])
+        gts = {k: real[i] for k, i in enumerate(ref_order)}
+        res = {k: real[i] for k, i in enumerate(hyp_order)}
+        for name, value in _direct(gts, res, meteor=False).items():
+            assert got[name] == pytest.approx(value, abs=1e-9), name
+
+
+@needs_java
+def test_ptb_tokenizer_quirks_and_line_breaks() -> None:
+    got = metrics.ptb_tokenize(["A 23x16.5mm node (right); cannot.", "b\rc", "", "Last one."])
+    # PTB splits the decimal and the unit, "cannot", and keeps the lowercased bracket tokens.
+    assert got[0] == "a 23x16 .5 mm node -lrb- right -rrb- can not"
+    # A carriage return inside a text must not shift the following texts' tokens.
+    assert got[1:] == ["b c", "", "last one"]
+
+
+@needs_java
+def test_ptb_tokenizer_writes_nothing_into_the_package_and_runs_concurrently() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    package = Path(ptbtokenizer.__file__).parent
+    before = sorted(p.name for p in package.iterdir())
+    texts = [[f"Report {i}: no effusion (none)."] for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(metrics.ptb_tokenize, texts))
+    assert outs == [[f"report {i} no effusion -lrb- none -rrb-"] for i in range(4)]
+    assert sorted(p.name for p in package.iterdir()) == before
 
 
 def test_identical_reports_score_full_marks(pairs) -> None:
@@ -82,9 +159,17 @@ def test_empty_hypothesis_scores_zero_not_error() -> None:
 
 
 def test_missing_java_makes_meteor_unavailable(monkeypatch, tmp_path) -> None:
+    from hilt_scale.evaluation.scoring import evaluate_records, format_report
+
     monkeypatch.setattr(metrics, "_meteor_scorer", None)
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no java
     got = metrics.compute_metrics(["the heart is normal"], ["heart size normal"])
+    # The pure-Python tokenizer stands in, and the result says the numbers are approximate.
+    assert got["tokenizer"] == "python" and got["approximate"] is True
+    record = {"key": "a", "reference": "the heart is normal", "generated": "heart size normal"}
+    assert "APPROXIMATE" in format_report(evaluate_records([record]))
+    with pytest.raises(RuntimeError, match="java not found"):
+        metrics.compute_metrics(["a"], ["a"], tokenizer="ptb")
     assert "meteor" not in got
     assert "java" in got["unavailable"]["meteor"]
     assert got["average_of"] == [m for m in metrics.METRIC_NAMES if m != "meteor"]

@@ -1,11 +1,14 @@
 """The nine report-generation metrics of the HILT paper, computed offline the way R2Gen does.
 
-BLEU-1..4, METEOR (Java METEOR 1.5), ROUGE-L and CIDEr-D come from the pycocoevalcap scorers,
-called one by one (never ``COCOEvalCap.evaluate()`` or SPICE: those download models). ROUGE-1 and
-ROUGE-2 come from rouge-score (F1). Every scorer sees the same normalised text (see
-``normalize``), and every value is on a 0-100 scale (CIDEr-D multiplied by 100 like the rest).
-``average`` is the paper's "averaged metric": the mean of the nine, or of those available
-(``average_of`` lists them; ``unavailable`` says why a metric is missing, e.g. no Java).
+Text is tokenised as pycocoevalcap's ``COCOEvalCap`` does: Stanford PTBTokenizer (the jar shipped
+with pycocoevalcap, ``-preserveLines -lowerCase``) on lowercased text, then its punctuation tokens
+dropped (``tokenize``). BLEU-1..4, METEOR (Java METEOR 1.5), ROUGE-L and CIDEr-D come from the
+pycocoevalcap scorers on those tokens, called one by one (never ``COCOEvalCap.evaluate()`` or
+SPICE: those download models); ROUGE-1/2 from rouge-score (F1) on the same tokens. Without Java
+a pure-Python approximation of the tokenizer is used (``normalize``) and the result says so
+(``tokenizer: "python"``, ``approximate: True``). Every value is on a 0-100 scale (CIDEr-D
+multiplied by 100 like the rest). ``average`` is the paper's "averaged metric": the mean of the
+nine, or of those available (``average_of``; ``unavailable`` says why one is missing).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import atexit
 import math
 import re
 import shutil
+import subprocess
+import tempfile
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 METRIC_NAMES: tuple[str, ...] = (
     "bleu1",
@@ -37,8 +43,71 @@ _TOKEN = re.compile(r"[^\W_]+(?:(?:[-'/]|(?<=\d)\.(?=\d))[^\W_]+)*")
 
 
 def normalize(text: str) -> str:
-    """Lowercase, PTB-style word tokens joined by single spaces, punctuation removed."""
+    """Lowercase, PTB-style word tokens joined by single spaces, punctuation removed.
+
+    A pure-Python approximation of ``ptb_tokenize`` (no Java): it differs on e.g. ``23x16.5mm``
+    (PTB: ``23x16 .5 mm``), ``cannot`` (PTB: ``can not``), ``it's`` (PTB: ``it 's``) and brackets
+    (PTB keeps ``-lrb-``/``-rrb-``). Used where Java is missing and to spot empty texts.
+    """
     return " ".join(_TOKEN.findall(text.lower()))
+
+
+TOKENIZERS = ("auto", "ptb", "python")
+# Characters Java's line reader treats as line ends: each text must stay one line, or the
+# tokenised lines shift against the texts (pycocoevalcap itself replaces only "\n").
+_LINE_BREAKS = re.compile("[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
+def ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """Tokenise exactly as pycocoevalcap's ``PTBTokenizer().tokenize`` does, on lowercased text.
+
+    Same jar, class, flags and punctuation list, one JVM for all texts; but the temporary input
+    file goes to a fresh private temporary directory instead of the installed package directory,
+    so read-only installs and concurrent runs work. Raises RuntimeError without Java.
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("java not found on PATH (the PTB tokenizer is a Java program)")
+    if not texts:
+        return []
+    jar = Path(ptb.__file__).resolve().with_name(ptb.STANFORD_CORENLP_3_4_1_JAR)
+    lines = [_LINE_BREAKS.sub(" ", t.lower()) for t in texts]
+    with tempfile.TemporaryDirectory(prefix="hilt-ptb-") as tmp:
+        src = Path(tmp) / "sentences.txt"
+        src.write_bytes("\n".join(lines).encode())
+        cmd = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+        proc = subprocess.run([*cmd, src.name], cwd=tmp, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"PTBTokenizer failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-500:]}"
+        )
+    out = proc.stdout.decode().split("\n")
+    if len(out) not in (len(lines), len(lines) + 1) or (len(out) > len(lines) and out[-1]):
+        raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(lines)} texts")
+    punctuation = set(ptb.PUNCTUATIONS)
+    return [
+        " ".join(w for w in line.rstrip().split(" ") if w not in punctuation) for line in out[: len(lines)]
+    ]
+
+
+def tokenize(texts: Sequence[str], tokenizer: str = "auto") -> tuple[list[str], str]:
+    """Tokenised texts and the tokenizer used: ``ptb`` (the standard; ``auto`` with Java) or
+    ``python`` (``normalize``; ``auto`` without Java: scores then only approximate the standard)."""
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer={tokenizer!r}; expected one of {TOKENIZERS}")
+    if tokenizer == "python" or (tokenizer == "auto" and shutil.which("java") is None):
+        return [normalize(t) for t in texts], "python"
+    return ptb_tokenize(texts), "ptb"
+
+
+class _Whitespace:
+    """rouge-score tokenizer that keeps the tokens it is given (ROUGE-1/2 on the PTB tokens)."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return text.split()
 
 
 _meteor_lock = threading.Lock()
@@ -83,11 +152,12 @@ def _close_meteor() -> None:
         _meteor_scorer = None
 
 
-def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+def per_report_scores(references: Sequence[str], hypotheses: Sequence[str], tokenizer: str = "auto") -> dict:
     """Corpus scores, per-report scores (0-100) and BLEU statistics; see ``compute_metrics``.
 
     Returns ``{"corpus": {metric: value}, "per_report": {metric: [value per report]},
-    "bleu_stats": [[testlen, reflen, guess1..4, correct1..4] per report], "unavailable": {...}}``;
+    "bleu_stats": [[testlen, reflen, guess1..4, correct1..4] per report], "unavailable": {...},
+    "tokenizer": "ptb" | "python"}``;
     the per-report values and BLEU statistics let ``hilt_scale.score`` bootstrap over reports.
     """
     if len(references) != len(hypotheses):
@@ -99,8 +169,10 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
     from pycocoevalcap.rouge.rouge import Rouge
     from rouge_score.rouge_scorer import RougeScorer
 
-    gts = {i: [normalize(r)] for i, r in enumerate(references)}
-    res = {i: [normalize(h)] for i, h in enumerate(hypotheses)}
+    tokens, used = tokenize([*references, *hypotheses], tokenizer)
+    n = len(references)
+    gts = {i: [t] for i, t in enumerate(tokens[:n])}
+    res = {i: [t] for i, t in enumerate(tokens[n:])}
     corpus: dict[str, float] = {}
     per: dict[str, list[float]] = {}
     unavailable: dict[str, str] = {}
@@ -131,9 +203,9 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
     except (OSError, ValueError) as exc:  # the JVM died mid-run: drop it, a later call restarts it
         _close_meteor()
         unavailable["meteor"] = f"METEOR failed during scoring: {type(exc).__name__}: {exc}"
-    # rouge-score's default tokenizer (no stemming) splits the normalised text again on any
-    # non-alphanumeric character, so "effusion-thickening" counts as two ROUGE-1 tokens.
-    scorer = RougeScorer(["rouge1", "rouge2"])
+    # ROUGE-1/2 on the same tokens as the other metrics (rouge-score's default tokenizer would
+    # split them again on non-alphanumerics and turn "-lrb-" into "lrb"); no stemming.
+    scorer = RougeScorer(["rouge1", "rouge2"], tokenizer=_Whitespace())
     pairs = [scorer.score(gts[i][0], res[i][0]) for i in gts]
     for name in ("rouge1", "rouge2"):
         per[name] = [100.0 * p[name].fmeasure for p in pairs]
@@ -144,7 +216,13 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str]) -> d
     cider, cider_each = Cider().compute_score(gts, res)
     corpus["cider"] = 100.0 * float(cider)
     per["cider"] = [100.0 * float(s) for s in cider_each]
-    return {"corpus": corpus, "per_report": per, "bleu_stats": bleu_stats, "unavailable": unavailable}
+    return {
+        "corpus": corpus,
+        "per_report": per,
+        "bleu_stats": bleu_stats,
+        "unavailable": unavailable,
+        "tokenizer": used,
+    }
 
 
 def bleu_from_stats(stats: Sequence[Sequence[float]]) -> list[float]:
@@ -162,22 +240,27 @@ def bleu_from_stats(stats: Sequence[Sequence[float]]) -> list[float]:
     return [100.0 * b for b in out]
 
 
-def summarize(corpus: dict[str, float], unavailable: dict[str, str]) -> dict:
-    """The nine metrics present, their ``average``, ``average_of`` and ``unavailable``."""
+def summarize(corpus: dict[str, float], unavailable: dict[str, str], tokenizer: str = "ptb") -> dict:
+    """The nine metrics present, their ``average``, ``average_of``, ``unavailable``, the
+    ``tokenizer`` used and whether the numbers only ``approximate`` the standard pipeline."""
     out: dict = {name: corpus[name] for name in METRIC_NAMES if name in corpus}
     covered = [name for name in METRIC_NAMES if name in out]
     out["average"] = sum(out[name] for name in covered) / len(covered)
     out["average_of"] = covered
     out["unavailable"] = dict(unavailable)
+    out["tokenizer"] = tokenizer
+    out["approximate"] = tokenizer != "ptb"
     return out
 
 
-def compute_metrics(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+def compute_metrics(references: Sequence[str], hypotheses: Sequence[str], tokenizer: str = "auto") -> dict:
     """Nine report metrics and their average on 0-100; ``unavailable`` maps metric -> reason.
 
     BLEU, METEOR, ROUGE-L and CIDEr-D are corpus-level scores of the pycocoevalcap scorers;
-    ROUGE-1/2 are the mean per-report F1 of rouge-score. CIDEr-D's IDF comes from the references
-    given, so CIDEr (and the average) depends on the evaluation set, not only on each report.
+    ROUGE-1/2 are the mean per-report F1 of rouge-score, all on the tokens of ``tokenize``
+    (``tokenizer``: auto | ptb | python). CIDEr-D's IDF comes from the references given, so CIDEr
+    (and the average) depends on the evaluation set, not only on each report.
     """
-    scores = per_report_scores(references, hypotheses)
-    return {**summarize(scores["corpus"], scores["unavailable"]), "n": len(references)}
+    scores = per_report_scores(references, hypotheses, tokenizer)
+    summary = summarize(scores["corpus"], scores["unavailable"], scores["tokenizer"])
+    return {**summary, "n": len(references)}
