@@ -132,8 +132,54 @@ def test_all_tokens_grows_with_hr_size():
 def test_other_ablations_token_counts():
     assert _visual_tokens("random-queries", (256, 512, 512), num_queries=32)[0] == 32
     assert _visual_tokens("pooled", (256, 512, 512), pool_grid=(2, 4, 4))[0] == 32
-    # 2D: LR 64 slices as channels, 32x32 patches over 128x128 -> 16 tokens.
-    assert _visual_tokens("2d", (256, 512, 512))[0] == 16
+
+
+def test_2d_baseline_is_the_hr_volume_as_a_multichannel_image():
+    # The paper's 2D row: all HR slices as channels, 16x16 patches over H x W:
+    # 512x512x256 -> 32*32 = 1024 tokens, 256x256x128 -> 16*16 = 256 tokens.
+    assert _visual_tokens("2d", (256, 512, 512))[0] == 1024
+    assert _visual_tokens("2d", (128, 256, 256), resolution="normal")[0] == 256
+    cfg = model_config(vision="vit-micro", connector="2d", resolution="normal")
+    assert build_vision(cfg).patch_size == (128, 16, 16)
+    # Each token sees one 16x16 column through every slice: changing one slice inside the
+    # first column changes the first token only.
+    cfg = model_config(
+        vision="vit-micro", connector="2d", resolution="cpu-micro", overrides={"vision.depth": "0"}
+    )
+    vit = build_vision(cfg)
+    x = torch.zeros(1, 1, 16, 32, 32)
+    y = x.clone()
+    y[0, 0, 11, :16, :16] = 1.0
+    changed = (
+        vit.patch_embed(patchify(x, vit.patch_size)) != vit.patch_embed(patchify(y, vit.patch_size))
+    ).any(-1)
+    assert changed.tolist() == [[True, False, False, False]]
+
+
+def test_2d_patch_must_divide_the_hr_plane():
+    with pytest.raises(ValueError, match="connector.patch_2d=24 must divide"):
+        model_config(connector="2d", resolution="normal", overrides={"connector.patch_2d": "24"})
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_projector_layers_set_the_depth_of_f(layers):
+    cfg = model_config(overrides={"connector.projector_layers": str(layers)})
+    conn = build_connector(cfg.connector, 16, 8)
+    linears = [m for m in conn.projector.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == layers
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    want = x
+    for i, lin in enumerate(linears):
+        want = lin(F.gelu(want) if i else want)
+    torch.testing.assert_close(conn.projector(x), want)
+    assert conn.projector(x).shape == (2, 5, 8)
+
+
+@pytest.mark.parametrize("layers", ["0", "4"])
+def test_projector_layers_outside_1_to_3_is_an_error(layers):
+    with pytest.raises(ValueError, match=f"connector.projector_layers={layers}; expected 1, 2 or 3"):
+        model_config(overrides={"connector.projector_layers": layers})
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

@@ -39,3 +39,11 @@ def test_lora_and_trainable_counts(capsys):
         == info["vision_params"] + info["connector_params"] + info["llm_trainable_params"]
     )
     assert info["total_params"] == info["trainable_params"] + info["llm_params"]
+
+
+def test_2d_baseline_tokens_at_normal_and_paper_resolution(capsys):
+    # The paper's 2D row (LLaVA-1.5 / R2GenGPT): the HR volume, slices as channels, 16x16 patches.
+    normal = run(capsys, "--connector", "2d", "--resolution", "normal", "--llm", "none")
+    assert (normal["patch_size"], normal["visual_tokens"]) == ([128, 16, 16], 256)
+    paper = run(capsys, "--connector", "2d", "--resolution", "paper", "--llm", "none")
+    assert (paper["patch_size"], paper["visual_tokens"]) == ([256, 16, 16], 1024)

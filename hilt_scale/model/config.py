@@ -49,8 +49,13 @@ class ConnectorConfig:
     num_queries: int = 64
     # pooled: output token grid (D, H, W) after adaptive average pooling of the HR tokens.
     pool_grid: Size3 = (4, 4, 4)
-    # Hidden width of the 2-layer MLP projector; 0 = the LLM width.
+    # Linear layers of the MLP projector F (GELU between): 1-3, the paper's Fig. 8 ablation; 2 = LLaVA-1.5.
+    projector_layers: int = 2
+    # Hidden width of the MLP projector; 0 = the LLM width.
     projector_hidden: int = 0
+    # 2d: side of the square 2D patch over the HR volume's H x W plane (all D slices are channels);
+    # 16 gives the paper's 256 tokens at 256x256x128 and 1024 at 512x512x256.
+    patch_2d: int = 16
 
 
 @dataclass(kw_only=True)
@@ -343,6 +348,12 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"llm.quantization={m.quantization!r}; expected one of {QUANTIZATIONS}")
     if m.dtype not in DTYPES:
         raise ValueError(f"llm.dtype={m.dtype!r}; expected one of {DTYPES}")
+    if not 1 <= c.projector_layers <= 3:
+        raise ValueError(f"connector.projector_layers={c.projector_layers}; expected 1, 2 or 3")
+    if c.kind == "2d" and (c.patch_2d < 1 or r.hr_size[1] % c.patch_2d or r.hr_size[2] % c.patch_2d):
+        raise ValueError(
+            f"connector.patch_2d={c.patch_2d} must divide the H and W of resolution.hr_size={r.hr_size}"
+        )
     if v.width % v.heads:
         raise ValueError(f"vision.width={v.width} is not divisible by vision.heads={v.heads}")
     for name in ("hr_size", "lr_size"):

@@ -26,16 +26,30 @@ def _count(grid: Size3) -> int:
 
 
 class MLPProjector(nn.Module):
-    """Two-layer MLP with GELU from vision width to LLM width (LLaVA-1.5 mlp2x_gelu)."""
+    """``layers`` linear layers (``fc1``..``fcN``) with GELU between, vision width -> LLM width.
 
-    def __init__(self, in_width: int, out_width: int, hidden: int = 0) -> None:
+    layers=1 is a single linear map (LLaVA-1), 2 is LLaVA-1.5's mlp2x_gelu, 3 adds a hidden layer.
+    """
+
+    def __init__(self, in_width: int, out_width: int, hidden: int = 0, layers: int = 2) -> None:
         super().__init__()
+        if not 1 <= layers <= 3:
+            raise ValueError(f"projector layers={layers}; expected 1, 2 or 3")
         hidden = hidden or out_width
-        self.fc1 = nn.Linear(in_width, hidden)
-        self.fc2 = nn.Linear(hidden, out_width)
+        widths = [in_width] + [hidden] * (layers - 1) + [out_width]
+        self.layers = layers
+        for i in range(layers):
+            setattr(self, f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        for i in range(1, self.layers + 1):
+            x = getattr(self, f"fc{i}")(F.gelu(x) if i > 1 else x)
+        return x
+
+
+def make_projector(cfg: ConnectorConfig, vision_width: int, llm_width: int) -> MLPProjector:
+    """The connector's projector F as configured (``projector_layers``, ``projector_hidden``)."""
+    return MLPProjector(vision_width, llm_width, cfg.projector_hidden, cfg.projector_layers)
 
 
 class QueryAttentionConnector(nn.Module):
@@ -49,7 +63,7 @@ class QueryAttentionConnector(nn.Module):
         self.attn_impl = cfg.attn_impl
         self.heads = check_heads(cfg.heads, vision_width)
         self.scale = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+        self.projector = make_projector(cfg, vision_width, llm_width)
 
     def queries_for(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -98,7 +112,7 @@ class AllTokensConnector(nn.Module):
 
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+        self.projector = make_projector(cfg, vision_width, llm_width)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """One per HR token."""
@@ -117,7 +131,7 @@ class PooledConnector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
         self.pool_grid = tuple(cfg.pool_grid)
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+        self.projector = make_projector(cfg, vision_width, llm_width)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """The fixed pooled grid's size."""
@@ -131,21 +145,22 @@ class PooledConnector(nn.Module):
 
 
 class Flat2DConnector(nn.Module):
-    """Projects the 2D-patch tokens of the LR view (the ViT's patch spans all slices)."""
+    """Projects the 2D-patch tokens of the HR volume (the ViT's patch spans all D slices, so its
+    token grid is (1, H / patch_2d, W / patch_2d))."""
 
-    needs_hr = False
-    needs_lr = True
+    needs_hr = True
+    needs_lr = False
 
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+        self.projector = make_projector(cfg, vision_width, llm_width)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
-        """One per 2D patch of the LR view."""
-        return _count(lr_grid)
+        """One per 2D patch of the HR volume."""
+        return _count(hr_grid)
 
-    def forward(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
-        return self.projector(z_lr)
+    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        return self.projector(z_hr)
 
 
 class LROnlyConnector(nn.Module):
@@ -160,7 +175,7 @@ class LROnlyConnector(nn.Module):
 
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
-        self.projector = MLPProjector(vision_width, llm_width, cfg.projector_hidden)
+        self.projector = make_projector(cfg, vision_width, llm_width)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """One per LR token, like HILT."""

@@ -238,11 +238,13 @@ def add_lora(llm: nn.Module, cfg: LLMConfig) -> nn.Module:
 
 
 def build_vision(cfg: ModelConfig) -> ViT3D:
-    """The ViT: 3D patches on the HR grid, or for the ``2d`` variant patches spanning all LR slices."""
+    """The ViT: 3D patches on the HR grid, or for the ``2d`` variant ``patch_2d`` x ``patch_2d``
+    patches spanning all HR slices (the HR volume as a 2D image with D channels)."""
     res = cfg.resolution
     if cfg.connector.kind == "2d":
-        patch: Size3 = (res.lr_size[0], res.patch_size[1], res.patch_size[2])
-        return ViT3D(cfg.vision, patch, grid(res.lr_size, patch))
+        side = cfg.connector.patch_2d
+        patch: Size3 = (res.hr_size[0], side, side)
+        return ViT3D(cfg.vision, patch, grid(res.hr_size, patch))
     return ViT3D(cfg.vision, res.patch_size, grid(res.hr_size, res.patch_size))
 
 
@@ -270,9 +272,8 @@ class HiltReportModel(nn.Module):
     @property
     def num_visual_tokens(self) -> int:
         """Tokens one volume of the configured HR size contributes to the LLM sequence."""
-        res = self.cfg.resolution
-        hr_grid = grid(res.hr_size, self.vision.patch_size) if self.cfg.connector.kind != "2d" else (0, 0, 0)
-        return self.connector.num_tokens(hr_grid, grid(res.lr_size, self.vision.patch_size))
+        res, patch = self.cfg.resolution, self.vision.patch_size
+        return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch))
 
     def collator(self, max_length: int | None = None, prompt: str | None = None) -> ReportCollator:
         """A ReportCollator sized for this model's prompt, visual token count and sequence budget."""
