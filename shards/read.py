@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.batch import stack_batch
 from shards.ingest import DTYPES, DataError, array_sha256, check_policy
 
 
@@ -249,26 +249,15 @@ class _EpochStream(IterableDataset):
 
     def build(self, sample_ids: list[int]) -> tuple[dict, list[str]]:
         """Read and stack one batch; under policy 'skip' bad samples are left out and reported."""
-        keys, hrs, reports, metas, skipped = [], [], [], [], []
+        samples, skipped = [], []
         for s in sample_ids:
             try:
-                smp = self.shard_set.read(*self.entries[s])
+                samples.append(self.shard_set.read(*self.entries[s]))
             except DataError as e:
                 if self.on_error == "raise":
                     raise
                 skipped.append(f"{e.reason}\t{e}")
-                continue
-            keys.append(smp["key"])
-            hrs.append(smp["hr"])
-            reports.append(smp["report"])
-            metas.append(smp["meta"])
-        d, h, w = self.shard_set.hr_size
-        hr = (
-            torch.from_numpy(np.stack(hrs))[:, None]
-            if hrs
-            else torch.empty((0, 1, d, h, w), dtype=getattr(torch, self.shard_set.dtype))
-        )
-        return {"key": keys, "hr": hr, "report": reports, "meta": metas}, skipped
+        return stack_batch(samples, self.shard_set.hr_size, self.shard_set.dtype), skipped
 
 
 def _identity(x):
