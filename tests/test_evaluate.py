@@ -147,14 +147,47 @@ def test_compare_builds_the_paper_table(tmp_path: Path) -> None:
         json.dumps({"final": None, "eval_split": "valid"}), encoding="utf-8"
     )
     assert (
-        scoring.compare_table([unevaluated]).splitlines()[2] == "| crashed | n/a | n/a | n/a | n/a | n/a |"
+        scoring.compare_table([unevaluated]).splitlines()[2]
+        == "| crashed | n/a | n/a | n/a | 1 | n/a | n/a |"
     )
     table = scoring.compare_table([explicit, trainer]).splitlines()
     assert table[0] == (
-        "| Method | Input resolution | Visual tokens | LLM | Average (ct-rate valid) | F1 (ct-rate valid) "
+        "| Method | Input resolution | Visual tokens | LLM | Seeds | Average (ct-rate valid) | F1 (ct-rate valid) "
         "| Average (phantom) | F1 (phantom) | Average (valid) | F1 (valid) |"
     )
-    assert table[2] == "| HILT | 256x512x512 | 64 | llama3-8b | 31.23 | 0.457 | 50.00 | n/a | n/a | n/a |"
-    assert table[3] == "| pool | 32x128x128 | n/a | llm-tiny | n/a | n/a | n/a | n/a | 12.50 | 0.100 |"
+    assert table[2] == "| HILT | 256x512x512 | 64 | llama3-8b | 1 | 31.23 | 0.457 | 50.00 | n/a | n/a | n/a |"
+    assert table[3] == "| pool | 32x128x128 | n/a | llm-tiny | 1 | n/a | n/a | n/a | n/a | 12.50 | 0.100 |"
     with pytest.raises(ValueError, match=r"missing.*summary.json: cannot read"):
         scoring.compare_table([tmp_path / "missing"])
+
+
+def _seed_run(root: Path, name: str, seed: int, average: float | None, f1: float, lr: float = 1e-4) -> Path:
+    run = root / name
+    run.mkdir()
+    final = None if average is None else {"average": average, "ce_micro_f1": f1}
+    summary = {"method": "hilt", "hr_size": [32, 64, 64], "visual_tokens": 64, "llm": "llm-tiny"}
+    (run / "summary.json").write_text(
+        json.dumps({**summary, "final": final, "eval_split": "test"}), encoding="utf-8"
+    )
+    config = {"seed": seed, "out": str(run), "lr": lr, "connector": "hilt", "local_rank": -1}
+    (run / "train_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return run
+
+
+def test_compare_groups_runs_that_differ_only_by_seed(tmp_path: Path, capsys) -> None:
+    runs = [
+        _seed_run(tmp_path, "s0", 0, 30.0, 0.4),
+        _seed_run(tmp_path, "other-lr", 0, 99.0, 0.9, lr=3e-4),  # another setting: its own row
+        _seed_run(tmp_path, "s1", 1, 32.0, 0.5),
+        _seed_run(tmp_path, "s2", 2, 34.0, 0.6),
+        _seed_run(tmp_path, "s3-crashed", 3, None, 0.0),
+    ]
+    score.main(["--compare", *map(str, runs)])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4
+    # Mean ± sample std over the seeds that were evaluated: 32 ± 2, F1 0.5 ± 0.1 (3 of 4 seeds).
+    assert (
+        table[2]
+        == "| hilt | 32x64x64 | 64 | llm-tiny | 4 (0, 1, 2, 3) | 32.00 ± 2.00 (n=3) | 0.500 ± 0.100 (n=3) |"
+    )
+    assert table[3] == "| hilt | 32x64x64 | 64 | llm-tiny | 1 (0) | 99.00 | 0.900 |"

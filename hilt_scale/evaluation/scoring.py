@@ -147,8 +147,16 @@ def format_report(scores: dict) -> str:
 # ---------------------------------------------------------------- benchmark table
 
 
+# train_config.json fields that may differ between runs of one grid point besides the seed.
+_NOT_SETTINGS = ("seed", "out", "local_rank", "resume", "cache")
+
+
 def run_row(run_dir: Path) -> dict:
-    """The paper-table fields of one run, from its ``summary.json`` (keys: docs/EVALUATION.md)."""
+    """The paper-table fields of one run, from its ``summary.json`` (keys: docs/EVALUATION.md).
+
+    Also ``seed`` and ``settings`` (the run's ``train_config.json`` without the seed, output
+    directory and launcher fields; None without that file), which ``compare_table`` groups by.
+    """
     path = run_dir / "summary.json"
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -158,6 +166,13 @@ def run_row(run_dir: Path) -> dict:
     config_path = run_dir / "export" / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text(encoding="utf-8"))
+    train: dict | None = None
+    train_path = run_dir / "train_config.json"
+    if train_path.exists():
+        try:
+            train = json.loads(train_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{train_path}: cannot read run config ({exc})") from exc
     sets = summary.get("eval")
     if sets is None and "final" in summary:  # the trainer's single-set summary
         sets = {summary.get("eval_split", "eval"): summary["final"]}
@@ -173,28 +188,74 @@ def run_row(run_dir: Path) -> dict:
         "visual_tokens": summary.get("visual_tokens"),
         "llm": summary.get("llm") or config.get("llm", {}).get("name"),
         "eval": sets,
+        "seed": None if train is None else train.get("seed"),
+        "settings": None
+        if train is None
+        else json.dumps({k: v for k, v in train.items() if k not in _NOT_SETTINGS}, sort_keys=True),
     }
 
 
+def group_seeds(rows: Sequence[dict]) -> list[list[dict]]:
+    """Runs that differ only by seed (same table fields and same settings), in first-seen order.
+
+    A run without ``train_config.json`` is a group of its own.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        same = row["settings"] is not None and row["seed"] is not None
+        key = (
+            row["method"],
+            row["hr_size"],
+            row["visual_tokens"],
+            row["llm"],
+            row["settings"] if same else row["run"],
+        )
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
+
+
 def compare_table(run_dirs: Sequence[Path]) -> str:
-    """Markdown table: method, input resolution, visual tokens, LLM, average and CE F1 per set."""
+    """Markdown table: method, input resolution, visual tokens, LLM, seeds, then average and CE F1
+    per evaluation set. Runs that differ only by seed share one row: mean ± sample std over them
+    (``(n=k)`` where fewer seeds than the row's have that set)."""
     rows = [run_row(Path(d)) for d in run_dirs]
     sets = list(dict.fromkeys(name for row in rows for name in row["eval"]))
-    head = ["Method", "Input resolution", "Visual tokens", "LLM"]
+    head = ["Method", "Input resolution", "Visual tokens", "LLM", "Seeds"]
     for name in sets:
         head += [f"Average ({name})", f"F1 ({name})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [row["method"] or row["run"], row["hr_size"], row["visual_tokens"], row["llm"]]
+    for group in group_seeds(rows):
+        first = group[0]
+        seeds = sorted(r["seed"] for r in group if r["seed"] is not None)
+        shown = f"{len(group)} ({', '.join(map(str, seeds))})" if seeds else str(len(group))
+        cells = [
+            first["method"] or first["run"],
+            first["hr_size"],
+            first["visual_tokens"],
+            first["llm"],
+            shown,
+        ]
         for name in sets:
-            got = row["eval"].get(name) or {}  # a run whose evaluation did not happen has None
-            cells += [_cell(got.get("average"), 2), _cell(got.get("ce_micro_f1"), 3)]
+            got = [r["eval"].get(name) or {} for r in group]  # an unevaluated run has None
+            cells += [
+                _stat([g.get("average") for g in got], 2),
+                _stat([g.get("ce_micro_f1") for g in got], 3),
+            ]
         lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(value: object, digits: int) -> str | None:
-    """A number formatted for the table, or None."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return f"{value:.{digits}f}"
-    return None
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _stat(values: list[object], digits: int) -> str | None:
+    """One run: the value; several: mean ± sample std over the finite ones, "(n=k)" if some lack it."""
+    vals = [float(v) for v in values if _number(v)]
+    if not vals:
+        return None
+    if len(values) == 1:
+        return f"{vals[0]:.{digits}f}"
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" + (f" (n={len(vals)})" if len(vals) < len(values) else "")
