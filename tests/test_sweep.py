@@ -1,0 +1,165 @@
+"""python -m hilt_scale.sweep: grids, the plan, failed runs and resume, the tables, the hr-study scoring."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from hilt_scale.sweep import execute
+from hilt_scale.sweep.__main__ import main
+from hilt_scale.sweep.grid import QUICK_VARIANTS, expand, grids_for, projector_axis_ready
+from hilt_scale.sweep.study import group_f1, plot_study, study_markdown, study_results
+
+
+def test_experiments_expand_with_axes_seeds_and_recipes() -> None:
+    specs = expand(grids_for("fig5d", "paper", {}), "paper", [0, 1])
+    assert [s.name for s in specs] == [
+        "llm-llama3-8b__seed-0",
+        "llm-llama3-70b__seed-0",
+        "llm-llama3-8b__seed-1",
+        "llm-llama3-70b__seed-1",
+    ]
+    big = specs[1]
+    assert big.ds == "ds_configs/zero3_qlora.json" and big.recipe == "ctrate-llama3-70b-qlora"
+    assert specs[0].ds == "ds_configs/zero2.json" and specs[0].recipe == "ctrate-llama3-8b"
+    # An axis given on the command line replaces the experiment's values; sizes become --set.
+    specs = expand(grids_for("fig5a", "cpu", {"hr_size": ["16x32x32"]}), "cpu", [3])
+    assert len(specs) == 1 and "resolution.hr_size=16x32x32" in specs[0].sets and specs[0].seed == 3
+    assert specs[0].train_args("OUT")[-4:] == ["--seed", "3", "--out", "OUT"]
+    fig8 = expand(grids_for("fig8", "cpu", {}), "cpu", [0])
+    assert len(fig8) == 5
+    assert all(bool(s.pending) == (not projector_axis_ready()) for s in fig8 if "projector_layers" in s.axes)
+    with pytest.raises(ValueError):
+        grids_for("hr-study", "paper", {})
+
+
+def test_fig5d_paper_plan_70b_uses_zero3_and_4bit(capsys) -> None:
+    rows = main(["--experiment", "fig5d", "--scale", "paper", "--plan"])["plan"]
+    small, big = rows
+    assert small["zero_stage"] == 2 and small["quantization"] == "none"
+    assert big["zero_stage"] == 3 and big["quantization"] == "nf4"
+    assert "--ds ds_configs/zero3_qlora.json" in big["launch"] and "--hostfile" in big["launch_multinode"]
+    assert 0 < big["mem_gb"]["total"] and big["frozen_base_gb"] < 70  # 4-bit: far below 140 GB of bf16
+    assert big["trainable_params"] > small["trainable_params"] > 1e8
+    out = capsys.readouterr().out
+    assert "| llm-llama3-70b__seed-0 | zero3_qlora.json | 3 | 4-bit nf4 |" in out
+
+
+def _fake_done(run_dir: Path, tokens: int = 64) -> None:
+    run_dir.mkdir(parents=True)
+    final = {"average": 50.0, "ce_micro_f1": 0.4, "ce_macro_f1": 0.2}
+    summary = {
+        "method": "hilt",
+        "hr_size": [32, 64, 64],
+        "visual_tokens": tokens,
+        "llm": "llm-tiny",
+        "final": final,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    rec = {
+        "key": "k",
+        "reference": "There is a millimetric nodule of 4 mm in the left lung upper lobe.",
+        "generated": "There is a millimetric nodule of 4 mm in the left lung upper lobe.",
+    }
+    (run_dir / "predictions.jsonl").write_text(json.dumps(rec) + "\n")
+
+
+def test_failed_run_is_recorded_and_finished_runs_are_not_rerun(tmp_path: Path) -> None:
+    specs = expand(grids_for(None, "cpu", {"connector": ["hilt", "lr-only"]}), "cpu", [0])
+    _fake_done(tmp_path / "runs" / specs[0].name)
+    specs[1].command = lambda out: [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+    rows = execute.run_sweep(specs, tmp_path, log=lambda *_: None)
+    assert [r["status"] for r in rows] == ["done", "failed"]
+    assert rows[0]["resumed"] and rows[1]["rc"] == 3 and rows[1]["log_tail"] == ["boom"]
+    rows = execute.collect(rows, tmp_path, phantom=True)
+    result = execute.write_outputs(rows, tmp_path, None, "test")
+    assert "failed: seed 0 (rc 3)" in result["table"]
+    assert "50.00 ± 0.00" in result["table"] and (tmp_path / "sweep.png").exists()
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"][1]["status"] == "failed"
+
+
+def test_group_f1_tells_hr_only_from_lr_visible(tmp_path: Path) -> None:
+    ref = "There is a millimetric nodule of 3 mm in the left lung upper lobe. Cardiomegaly is observed; the heart size is increased."
+    records = [
+        {
+            "key": "a",
+            "reference": ref,
+            "generated": "No nodule or mass was detected in either lung. The heart is enlarged (cardiomegaly).",
+        },
+        {
+            "key": "b",
+            "reference": "Pleural effusion was not observed.",
+            "generated": "Pleural effusion was not observed.",
+        },
+    ]
+    g = group_f1(records)
+    assert g["f1_hr_only"] == 0.0 and g["positives_hr_only"] == 1
+    assert g["f1_lr_visible"] == 1.0 and g["positives_lr_visible"] == 1
+    rows = [
+        {"run": f"r{i}", "group": v, "axes": {"connector": v}, "seed": i, "status": "done", "visual_tokens": 64,
+         "scores": {"f1_hr_only": 0.1 * i, "f1_lr_visible": 0.5, "ce_micro_f1": 0.4, "ce_macro_f1": 0.2, "average": 50.0}}
+        for v in QUICK_VARIANTS for i in range(2)
+    ]  # fmt: skip
+    results = study_results(rows, {**g, "ce_micro_f1": 0.3, "ce_macro_f1": 0.1, "average": 40.0})
+    assert results["variants"]["hilt"]["f1_hr_only"]["mean"] == pytest.approx(0.05)
+    assert "| lr-only | 64 | 2 |" in study_markdown(results)
+    plot_study(results, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_cpu_sweep_end_to_end_and_resume(tmp_path: Path) -> None:
+    """fig5c at the cpu-micro resolution, 2 ViT sizes x 1 seed: table, PNG; a rerun runs nothing."""
+    argv = [
+        "--experiment", "fig5c", "--scale", "cpu", "--run", "--out", str(tmp_path),
+        "--resolution", "cpu-micro", "--llm", "llm-micro", "--phantom-n", "24", "--max-steps", "2",
+        "--micro-batch", "2", "--total-batch", "2", "--eval-limit", "2", "--max-new-tokens", "6",
+        "--num-beams", "1",
+    ]  # fmt: skip
+    result = main(argv)
+    assert [g["seeds_done"] for g in result["groups"]] == [1, 1], result["table"]
+    assert "| vit-micro |" in result["table"] and "| vit-tiny |" in result["table"]
+    assert (tmp_path / "fig5c.png").stat().st_size > 1000 and (tmp_path / "table.md").exists()
+    for g in result["groups"]:
+        assert {"average", "ce_micro_f1", "f1_hr_only", "f1_lr_visible"} <= set(g["metrics"])
+    main(argv)  # resume: both runs have summary.json, so nothing is rerun
+    again = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    assert len(again) == 2 and all(r["status"] == "done" and r.get("resumed") for r in again)
+
+
+def test_lr_only_is_hilt_without_the_hr_attention() -> None:
+    """lr-only and HILT share ViT and projector shapes and token count; lr-only ignores what the
+    LR view cannot see, HILT does not."""
+    import torch
+
+    from hilt_scale.model.config import model_config
+    from hilt_scale.model.mllm import build_model, build_tokenizer
+
+    texts = [
+        "No nodule or mass was detected in either lung.",
+        "There is a 4 mm nodule in the left lung.",
+    ] * 20
+    models = {}
+    for kind in ("hilt", "lr-only"):
+        cfg = model_config("vit-micro", kind, "llm-micro", "cpu-micro")
+        torch.manual_seed(0)
+        models[kind] = build_model(cfg, build_tokenizer(cfg, texts=texts))
+    hilt, lr_only = models["hilt"], models["lr-only"]
+    assert lr_only.num_visual_tokens == hilt.num_visual_tokens == 8
+    assert lr_only.vision.state_dict().keys() == hilt.vision.state_dict().keys()
+    lr_only.connector.load_state_dict(hilt.connector.state_dict())
+    lr_only.vision.load_state_dict(hilt.vision.state_dict())
+    # Two volumes whose 2x2x2 block means agree (the LR view is the same) but whose voxels differ.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 255, (1, 1, 16, 32, 32), generator=g).float()
+    b = a.clone()
+    b[..., 0::2, 0::2, 0::2] += 4.0
+    b[..., 1::2, 0::2, 0::2] -= 4.0
+    with torch.no_grad():
+        za, zb = lr_only.encode_images(a), lr_only.encode_images(b)
+        ha, hb = hilt.encode_images(a), hilt.encode_images(b)
+    assert torch.allclose(za, zb, atol=1e-5)
+    assert not torch.allclose(ha, hb, atol=1e-5)
