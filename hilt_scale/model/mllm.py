@@ -74,7 +74,10 @@ class ReportCollator:
 
     input_ids = prompt-before + [IMAGE_TOKEN_ID] + prompt-after + report + eos, right-padded.
     Labels are IGNORE_INDEX on the prompt, the image slot and padding. ``visual_tokens`` is how
-    many tokens the image slot expands to, so prompt + image + report fit in ``max_length``.
+    many tokens the image slot expands to, so prompt + image + report fit in ``max_length``;
+    ``report_budget`` is the report's share (eos included). A longer report is cut to fit and
+    counted, never silently: the batch's ``n_truncated`` and the running ``truncated`` / ``seen``
+    (in the process that collates).
     """
 
     def __init__(
@@ -97,14 +100,22 @@ class ReportCollator:
                 f"max_length={max_length} leaves no room for a report after {len(self.pre) + len(self.post)} "
                 f"prompt tokens and {visual_tokens} visual tokens"
             )
+        self.truncated = 0
+        self.seen = 0
+
+    def report_length(self, report: str) -> int:
+        """Tokens the report takes in the sequence, eos included (the unit of ``report_budget``)."""
+        return len(self.tokenizer(report, add_special_tokens=False)["input_ids"]) + 1
 
     def __call__(self, batch: dict | list[dict]) -> dict:
         if isinstance(batch, list):
             batch = stack_batch(batch)
         prompt = self.pre + [IMAGE_TOKEN_ID] + self.post
-        rows, labels = [], []
+        rows, labels, cut = [], [], 0
         for report in batch["report"]:
-            ids = self.tokenizer(report, add_special_tokens=False)["input_ids"][: self.report_budget - 1]
+            ids = self.tokenizer(report, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.report_budget - 1:
+                ids, cut = ids[: self.report_budget - 1], cut + 1
             ids = ids + [self.eos]
             rows.append(prompt + ids)
             labels.append([IGNORE_INDEX] * len(prompt) + ids)
@@ -113,6 +124,9 @@ class ReportCollator:
         out["input_ids"] = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
         out["labels"] = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels])
         out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        out["n_truncated"] = cut
+        self.truncated += cut
+        self.seen += len(rows)
         return out
 
 

@@ -26,7 +26,10 @@ class TrainConfig:
     ds: str = "ds_configs/zero2.json"
     data: str | None = None  # shard set; None = the embedded phantom default
     eval_data: str | None = None  # shard set to evaluate on (zero-shot transfer); default = --data
-    eval_split: str = "valid"
+    # "auto" = "test" when the eval shard set's index lists a test split (CT-RATE's patient split),
+    # else "valid"; the split used is recorded in summary.json. Periodic evaluations during
+    # training (--eval-every: model selection) use "valid" when the final one uses "test".
+    eval_split: str = "auto"
     out: str = "runs/main"
     cache: str = str(DEFAULT_CACHE)
     resume: bool = False
@@ -50,7 +53,9 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch: int = 4
     eval_limit: int = 0  # evaluate on at most this many volumes (0 = all)
-    max_new_tokens: int = 160
+    # None = from the data: the 99th percentile of training report lengths in the model's tokens,
+    # capped by the sequence budget (prompt + visual tokens + report <= ModelConfig.max_length).
+    max_new_tokens: int | None = None
     num_beams: int = 1
     keep_checkpoints: int = 2
     eval: bool = True  # --no-eval: skip evaluation (and the baseline) entirely

@@ -148,3 +148,79 @@ def constant_report(reports: list[str]) -> str:
     if not reports:
         raise ValueError("no training reports to pick a constant baseline from")
     return Counter(reports).most_common(1)[0][0]
+
+
+def check_hr_size(mcfg: ModelConfig, *paths: str) -> None:
+    """Refuse a shard set whose HR volumes are not the model's ``resolution.hr_size``, naming both."""
+    from shards.read import ShardSet
+
+    want = list(mcfg.resolution.hr_size)
+    for path in dict.fromkeys(paths):
+        have = ShardSet(path).hr_size
+        if list(have) != want:
+            raise ValueError(
+                f"{path}: the shards hold HR volumes of {tuple(have)} (D, H, W) but the model's "
+                f"resolution.hr_size is {tuple(want)} (resolution {mcfg.resolution.name!r}); write the "
+                "shards at that size or pick the matching --resolution / --set resolution.hr_size=D,H,W"
+            )
+
+
+def eval_splits(path: str, split: str) -> tuple[str, str]:
+    """(final evaluation split, model-selection split) of a shard set.
+
+    ``auto`` -> ``test`` when the index lists a test split, else ``valid``. Periodic evaluations
+    during training select the model, so they use ``valid`` (when present) if the final is ``test``.
+    """
+    from shards.read import ShardSet
+
+    shard_set = ShardSet(path)
+    final = split if split != "auto" else ("test" if shard_set.has_split("test") else "valid")
+    select = "valid" if final == "test" and shard_set.has_split("valid") else final
+    return final, select
+
+
+def percentile_nearest_rank(values: list[int], q: float) -> int:
+    """The q-th percentile (0-100) by nearest rank: the smallest value >= q % of the values."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def length_plan(reports: list[str], collator: Any, max_new_tokens: int | None) -> dict:
+    """Report lengths in the model's tokens (eos included) against the sequence budget.
+
+    ``collator.report_budget`` = max_length - prompt - visual tokens. Returns ``train_reports``,
+    ``report_tokens_p99`` / ``_max``, ``report_budget``, ``truncated`` (training reports longer
+    than the budget: the collator cuts them, counted here), ``max_new_tokens`` (given, else the
+    99th percentile capped by the budget) and ``warnings``. A given ``max_new_tokens`` over the
+    budget is an error: the generated report would not fit the configured sequence.
+    """
+    budget = collator.report_budget
+    if max_new_tokens is not None and not 1 <= max_new_tokens <= budget:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} does not fit the sequence budget: max_length leaves "
+            f"{budget} report tokens after the prompt and visual tokens (raise --set max_length=N)"
+        )
+    if not reports:
+        raise ValueError("no training reports to measure")
+    ids = collator.tokenizer(list(reports), add_special_tokens=False)["input_ids"]
+    lengths = [len(x) + 1 for x in ids]  # + eos, as collator.report_length counts
+    p99 = percentile_nearest_rank(lengths, 99)
+    plan = {
+        "train_reports": len(lengths),
+        "report_tokens_p99": p99,
+        "report_tokens_max": max(lengths),
+        "report_budget": budget,
+        "truncated": sum(n > budget for n in lengths),
+        "max_new_tokens": max_new_tokens if max_new_tokens is not None else min(p99, budget),
+        "max_new_tokens_from": "flag" if max_new_tokens is not None else "data (p99)",
+        "warnings": [],
+    }
+    if plan["truncated"]:
+        plan["warnings"].append(
+            f"{plan['truncated']} of {len(lengths)} training reports are longer than the {budget} tokens "
+            f"max_length leaves after the prompt and visual tokens (99th percentile {p99}, longest "
+            f"{plan['report_tokens_max']}): they are truncated in training"
+            + (", and generation stops at the budget" if p99 > budget else "")
+            + "; raise --set max_length=N to keep them whole"
+        )
+    return plan

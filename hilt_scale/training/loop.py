@@ -18,7 +18,14 @@ import torch
 
 from hilt_scale.model.config import ModelConfig, apply_overrides, model_config
 from hilt_scale.training.config import TrainConfig
-from hilt_scale.training.data import constant_report, prepare_data, split_reports
+from hilt_scale.training.data import (
+    check_hr_size,
+    constant_report,
+    eval_splits,
+    length_plan,
+    prepare_data,
+    split_reports,
+)
 from hilt_scale.training.distributed import (
     ds_values,
     fill_ds_config,
@@ -195,8 +202,15 @@ def run(cfg: TrainConfig) -> dict | None:
     mcfg = run_model_config(cfg)
     data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
+    check_hr_size(mcfg, data_path, eval_path)  # shards at another HR size: refused before any build
+    final_split, select_split = eval_splits(eval_path, cfg.eval_split)
     seed_everything(cfg.seed)
     model = build_run_model(cfg, mcfg, tokenizer_dir)
+    # Generation length from the data, checked against the sequence budget (truncation counted).
+    lengths = length_plan(split_reports(data_path, "train"), model.collator(), cfg.max_new_tokens)
+    cfg = dataclasses.replace(cfg, eval_split=final_split, max_new_tokens=lengths["max_new_tokens"])
+    for warning in lengths["warnings"] if rank == 0 else []:
+        print(f"warning: {warning}")
     loader = ShardLoader(
         data_path, split="train", batch_size=cfg.micro_batch, shuffle=True, seed=cfg.seed,
         rank=rank, world_size=world, num_workers=cfg.num_workers, collate_fn=nonempty(model.collator()),
@@ -249,10 +263,11 @@ def run(cfg: TrainConfig) -> dict | None:
     eval_skipped: Counter = Counter()
     eval_errors: list[str] = []
 
-    def safe_evaluate() -> dict | None:
+    def safe_evaluate(split: str | None = None) -> dict | None:
         """Evaluate; a failure is recorded (summary.json) instead of costing the export and summary."""
         try:
-            return evaluate(engine, cfg, eval_path, step, rank, world, eval_skipped)
+            run_cfg = dataclasses.replace(cfg, eval_split=split) if split else cfg
+            return evaluate(engine, run_cfg, eval_path, step, rank, world, eval_skipped)
         except Exception as exc:
             eval_errors.append(f"step {step}: {type(exc).__name__}: {exc}")
             say(f"evaluation at step {step} failed: {type(exc).__name__}: {exc}")
@@ -281,7 +296,7 @@ def run(cfg: TrainConfig) -> dict | None:
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save()
             if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                scores = safe_evaluate()
+                scores = safe_evaluate(select_split)  # model selection: never the test split
                 log.eval(step, scores or {})
         save()
     if batches.seen is not None:
@@ -312,6 +327,8 @@ def run(cfg: TrainConfig) -> dict | None:
         "data": data_path,
         "eval_data": eval_path,
         "eval_split": cfg.eval_split,
+        "select_split": select_split,
+        "report_lengths": lengths,  # model tokens vs the sequence budget; truncated training reports
         "on_error": cfg.on_error,
         "skipped": skipped,  # samples left out under --on-error skip, by reason
         "eval_errors": eval_errors,
