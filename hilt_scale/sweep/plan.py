@@ -48,6 +48,7 @@ def _counts(vision: str, connector: str, llm: str, resolution: str, sets: tuple[
         vit_depth=cfg.vision.depth,
         max_length=cfg.max_length,
         quantization=cfg.llm.quantization,
+        dtype=cfg.llm.dtype,
     )
     out["trainable"] = out["trainable_params"] + lora
     return out
@@ -127,6 +128,7 @@ def plan_run(
         status="planned",
         zero_stage=mem["stage"],
         quantization=c["quantization"],
+        llm_dtype=c["dtype"],
         visual_tokens=c["visual_tokens"],
         trainable_params=c["trainable"],
         frozen_base_gb=round(c["frozen_bytes"] / GB, 2),
@@ -160,7 +162,11 @@ def plan_markdown(rows: list[dict], gpu_gb: float) -> str:
             )
             continue
         m = r["mem_gb"]
-        weights = "4-bit nf4" if r["quantization"] == "nf4" else "bf16"
+        weights = (
+            "4-bit nf4"
+            if r["quantization"] == "nf4"
+            else {"bfloat16": "bf16"}.get(r["llm_dtype"], r["llm_dtype"])
+        )
         lines.append(
             f"| {r['run']} | {Path(r['ds_config']).name} | {r['zero_stage']} | {weights} | {r['visual_tokens']} "
             f"| {r['trainable_params'] / 1e6:.0f} M | {m['model_states']} GB | {m['frozen_base']} GB "
