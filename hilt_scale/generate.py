@@ -5,14 +5,18 @@
 INPUT is a NIfTI file, a directory of NIfTI files (searched recursively) or a shard set (a
 directory with index.json). NIfTI volumes go through the same preprocessing as ingestion
 (canonical orientation, HU window, resize to the model's HR size). Output: PREFIX.jsonl (key,
-generated, and reference where the input has one) and PREFIX.txt (readable).
+generated, and reference where the input has one) and PREFIX.txt (readable), each report
+appended (and fsynced) as soon as it is made. A volume that cannot be read is skipped and named
+at the end, and the command then exits non-zero; the reports of the good volumes are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +51,33 @@ def load_nifti(path: Path, hr_size: tuple[int, int, int]) -> np.ndarray:
 
 
 def input_batches(
-    source: str | Path, hr_size: tuple[int, int, int], batch: int, split: str
+    source: str | Path,
+    hr_size: tuple[int, int, int],
+    batch: int,
+    split: str,
+    failures: list[str] | None = None,
 ) -> Iterator[dict]:
-    """Batches {"key", "hr" [B, 1, D, H, W], "report"} from a shard set, a NIfTI file or a NIfTI directory."""
+    """Batches {"key", "hr" [B, 1, D, H, W], "report"} from a shard set, a NIfTI file or a NIfTI directory.
+
+    With a ``failures`` list, a volume that cannot be read is left out and described there (file
+    and error); without one the first such volume raises.
+    """
     source = Path(source)
     if (source / "index.json").exists():
         from shards.read import ShardLoader
 
-        loader = ShardLoader(source, split=split, batch_size=batch, shuffle=False)
+        policy = "raise" if failures is None else "skip"
+        loader = ShardLoader(source, split=split, batch_size=batch, shuffle=False, on_error=policy)
         if list(loader.shard_set.hr_size) != list(hr_size):
             raise ValueError(
                 f"{source / 'index.json'}: hr_size {loader.shard_set.hr_size} differs from the model's {list(hr_size)}"
             )
-        yield from loader
+        yield from (b for b in loader if len(b["key"]))
+        if failures is not None and loader.skipped:
+            failures.extend(loader.skipped_messages)
+            hidden = sum(loader.skipped.values()) - len(loader.skipped_messages)
+            if hidden > 0:
+                failures.append(f"... and {hidden} more unreadable volumes in {source}")
         return
     if source.is_file():
         if not is_nifti(source):
@@ -72,13 +90,18 @@ def input_batches(
     else:
         raise FileNotFoundError(f"{source} does not exist")
     for i in range(0, len(files), batch):
-        part = files[i : i + batch]
-        vols = np.stack([load_nifti(p, hr_size) for p in part])
-        yield {
-            "key": [nifti_key(p) for p in part],
-            "hr": torch.from_numpy(vols)[:, None],
-            "report": [None] * len(part),
-        }
+        keys, vols = [], []
+        for path in files[i : i + batch]:
+            try:
+                vols.append(load_nifti(path, hr_size))
+            except Exception as exc:
+                if failures is None:
+                    raise
+                failures.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            keys.append(nifti_key(path))
+        if keys:
+            yield {"key": keys, "hr": torch.from_numpy(np.stack(vols))[:, None], "report": [None] * len(keys)}
 
 
 def generate_reports(
@@ -88,15 +111,50 @@ def generate_reports(
     split: str = "valid",
     max_new_tokens: int = 160,
     num_beams: int = 1,
+    failures: list[str] | None = None,
+    on_records: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Records {key, generated[, reference]} for every volume of ``source``."""
+    """Records {key, generated[, reference]} for every readable volume of ``source``.
+
+    ``on_records`` receives each batch's records as soon as they are made; ``failures`` (see
+    ``input_batches``) collects the volumes that could not be read instead of raising.
+    """
     hr_size = tuple(model.cfg.resolution.hr_size)
     records = []
-    for b in input_batches(source, hr_size, batch, split):
+    for b in input_batches(source, hr_size, batch, split, failures):
         texts = model.generate(b["hr"], max_new_tokens=max_new_tokens, num_beams=num_beams)
-        for key, ref, text in zip(b["key"], b["report"], texts):
-            records.append({"key": key, **({"reference": ref} if ref is not None else {}), "generated": text})
+        made = [
+            {"key": key, **({"reference": ref} if ref is not None else {}), "generated": text}
+            for key, ref, text in zip(b["key"], b["report"], texts)
+        ]
+        if on_records is not None:
+            on_records(made)
+        records += made
     return records
+
+
+class Appender:
+    """Append text to a file as it comes: one write per batch, flushed and fsynced.
+
+    The file is created empty first, so it never mixes runs; a crash loses at most the batch
+    being written, never the reports before it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.f = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, text: str) -> None:
+        try:
+            self.f.write(text)
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as exc:
+            raise OSError(exc.errno, f"{self.path}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def load_run(run: str | Path) -> tuple[Any, dict]:
@@ -117,8 +175,6 @@ def load_run(run: str | Path) -> tuple[Any, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: generate reports for INPUT with RUNDIR's export; write PREFIX.jsonl and PREFIX.txt."""
-    from shards.io import write_jsonl_atomic, write_text_atomic
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory (its export/ is loaded)")
     p.add_argument("input", help="NIfTI file, directory of NIfTI files, or shard set")
@@ -133,13 +189,27 @@ def main(argv: list[str] | None = None) -> None:
     model, train_cfg = load_run(args.run)
     max_new = args.max_new_tokens or train_cfg.get("max_new_tokens", 160)
     beams = args.num_beams or train_cfg.get("num_beams", 1)
-    records = generate_reports(model, args.input, args.batch, args.split, max_new, beams)
     name = nifti_key(Path(args.input)) if Path(args.input).is_file() else Path(args.input).name
     prefix = Path(args.out) if args.out else Path(args.run) / "generated" / name
-    write_jsonl_atomic(prefix.with_name(prefix.name + ".jsonl"), records)
-    text = "".join(f"== {r['key']} ==\n{r['generated']}\n\n" for r in records)
-    write_text_atomic(prefix.with_name(prefix.name + ".txt"), text)
+    jsonl = Appender(prefix.with_name(prefix.name + ".jsonl"))
+    txt = Appender(prefix.with_name(prefix.name + ".txt"))
+
+    def keep(made: list[dict]) -> None:
+        jsonl.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in made))
+        txt.write("".join(f"== {r['key']} ==\n{r['generated']}\n\n" for r in made))
+
+    failures: list[str] = []
+    try:
+        records = generate_reports(model, args.input, args.batch, args.split, max_new, beams, failures, keep)
+    finally:
+        jsonl.close()
+        txt.close()
     print(f"{len(records)} reports -> {prefix}.jsonl, {prefix}.txt")
+    if failures:
+        print(f"{len(failures)} volume(s) could not be read and have no report:", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
