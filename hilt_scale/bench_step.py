@@ -490,33 +490,47 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> str:
         return "no PNG: matplotlib is not installed (rerun with --from-json where it is)"
     import io  # noqa: PLC0415
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+    from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colours = {c: f"C{i}" for i, c in enumerate(CONNECTOR_KINDS)}
     markers = {("off", 1): "o", ("on", 1): "s", ("off", 2): "^", ("on", 2): "D"}
     has_mem = any(r.get("peak_alloc_gib") for r in rows)
     for r in rows:
         if r["engine"] != "torch" or "visual_tokens" not in r:
             continue
-        m = markers.get((r["ckpt"], r["micro_batch"]), "x")
-        label = f"{r['connector']} ckpt {r['ckpt']} mb {r['micro_batch']}"
-        kw = {"color": colours.get(r["connector"], "k"), "marker": m, "label": label, "s": 42}
+        kw = {
+            "color": colours.get(r["connector"], "k"),
+            "marker": markers.get((r["ckpt"], r["micro_batch"]), "x"),
+        }
         if r["status"] == "ok":
-            axes[0].scatter(r["visual_tokens"], r["ms"], **kw)
+            axes[0].scatter(r["visual_tokens"], r["ms"], s=42, **kw)
             if has_mem:
-                axes[1].scatter(r["visual_tokens"], r["peak_alloc_gib"], **kw)
+                axes[1].scatter(r["visual_tokens"], r["peak_alloc_gib"], s=42, **kw)
         elif r["status"] == "OOM":
             for ax in axes:
-                ax.annotate("OOM", (r["visual_tokens"], 1.0), xycoords=("data", "axes fraction"),
-                            color=kw["color"], ha="center", va="top")  # fmt: skip
-    axes[0].set(xscale="log", xlabel="visual tokens", ylabel="step ms (median)", title="step time")
-    axes[1].set(xscale="log", xlabel="visual tokens", ylabel="peak GiB (allocated)", title="peak memory")
+                ax.scatter(r["visual_tokens"], 1.0, transform=ax.get_xaxis_transform(), s=60, **kw)
+                ax.annotate("OOM", (r["visual_tokens"], 0.96), xycoords=("data", "axes fraction"),
+                            color=kw["color"], ha="center", va="top", fontsize=7)  # fmt: skip
+    for ax, ylabel, name in (
+        (axes[0], "step ms (median)", "step time"),
+        (axes[1], "peak GiB (allocated)", "peak memory"),
+    ):
+        ax.set(xscale="log", xlabel="visual tokens", ylabel=ylabel, title=name)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if not has_mem:
         axes[1].text(0.5, 0.5, "no CUDA: peak memory not measured", ha="center", transform=axes[1].transAxes)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[0].legend(handles, labels, fontsize=6, loc="upper left")
+    seen = sorted({r["connector"] for r in rows}, key=list(CONNECTOR_KINDS).index)
+    handles = [Line2D([], [], ls="", marker="o", color=colours[c], label=c) for c in seen]
+    handles += [
+        Line2D([], [], ls="", marker=m, color="grey", label=f"ckpt {ck}, mb {mb}")
+        for (ck, mb), m in markers.items()
+    ]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.subplots_adjust(left=0.06, right=0.84, wspace=0.25, top=0.86, bottom=0.13)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
