@@ -1,0 +1,1 @@
+"""Benchmark helpers shared by the bench commands (hilt_scale.bench_step)."""
