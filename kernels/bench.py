@@ -1,15 +1,17 @@
 """Benchmark HILT attention: eager, torch.compile, SDPA and the fused Triton kernel.
 
-    python -m kernels.bench            # full grid on a GPU (B 1/2/4, N 512/4096/32768, 768 and 12x64)
-    python -m kernels.bench --quick    # B=2, N 4096/32768 only
-    python -m kernels.bench --out results.json
+    python -m kernels.bench --out DIR            # full grid on a GPU (B 1/2/4, N 512/4096/32768)
+    python -m kernels.bench --quick --out DIR    # the HILT rows: B=2, N 4096 and 32768
+    python -m kernels.bench --compile-only       # any machine: sm_90 compile evidence (no GPU)
 
 For every shape and implementation: forward and forward+backward time (p50 of
 ``triton.testing.do_bench``, p20/p80 in the JSON), the share of the copy roofline (bytes = each
 input read once, K=V once when aliased, each output written once, over a copy bandwidth this run
 measures itself), and the max relative error of the output and of the gradients against the
 float64 eager reference. The Triton row also gives its speed-up over the best torch implementation.
-Prints a table, then one JSON line; writes the same JSON to ``--out``.
+Triton rows: ``triton`` is v2 (the default kernel), ``triton-v1`` the first kernel.
+Prints a table, then one JSON line; writes ``kernel_bench[_quick].txt`` (the table) and ``.json``
+under ``--out`` (a directory) with the project's atomic writer (``shards.io``).
 
 Without CUDA it runs a few small fp32 shapes through the Triton interpreter and says so: those
 timings measure the interpreter, not a kernel, and only show that the command works end to end.
@@ -17,23 +19,20 @@ timings measure the interpreter, not a kernel, and only show that the command wo
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
+
+from shards.io import write_json_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ TORCH_IMPLS = ("eager", "sdpa", "compile")
 
 def implementations(use_compile: bool) -> dict[str, Callable]:
     """Name -> callable(q, k, v) for every implementation measured."""
-    from kernels.hilt_attention import hilt_attention
+    from kernels import hilt_attention
     from kernels.reference import hilt_attention_reference
 
     impls = {"eager": hilt_attention_reference, "sdpa": sdpa_hilt}
@@ -99,35 +98,38 @@ def implementations(use_compile: bool) -> dict[str, Callable]:
         limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
         setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
         impls["compile"] = torch.compile(hilt_attention_reference)
-    impls["triton"] = hilt_attention
+    impls["triton"] = lambda q, k, v: hilt_attention(q, k, v, impl="v2")
+    impls["triton-v1"] = lambda q, k, v: hilt_attention(q, k, v, impl="v1")
     return impls
 
 
 def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
-    """Extra Triton rows with other tile choices, to tune ``pick_config`` on a GPU (--sweep)."""
-    from kernels.hilt_attention import hilt_attention
-    from kernels.launch import NARROW_HEAD, pick_config
+    """Extra v2 rows with other tile choices, to tune ``pick_fused_config`` on a GPU (--sweep)."""
+    from kernels import hilt_attention
+    from kernels.launch import NARROW_HEAD, pick_fused_config
 
-    base = pick_config(shape.queries, shape.keys, shape.width, dtype, interpret=False)
+    base = pick_fused_config(
+        shape.queries, shape.keys, shape.width, dtype, interpret=False, same_kv=shape.kv_same
+    )
     if shape.width > NARROW_HEAD:  # wide single head
         variants = {
-            "n64dk64": dict(block_n=64, block_dk=64),
-            "dv128": dict(block_dv=128),
+            "m64w16": dict(block_m=64, block_n=32, num_warps=16),  # wgmma, K read once (spills a little)
+            "n32s3": dict(block_n=32, num_stages=3),
             "2/sm": dict(programs_per_sm=2),
-            "m16dv1024": dict(block_m=16, block_dv=1024),
-            "bwd-n128": dict(bwd_block_n=128),
+            "bwd-n32s2": dict(bwd_block_n=32, bwd_num_stages=2),
+            "bwd-fused": dict(bwd_fused_dq=True),  # one pass, dQ on chip (spills)
         }
     else:
         variants = {
             "n128": dict(block_n=128),
-            "w4": dict(num_warps=4),
-            "4/sm": dict(programs_per_sm=4),
+            "w8": dict(num_warps=8, bwd_num_warps=8),
+            "2/sm": dict(programs_per_sm=2),
             "bwd-n32": dict(bwd_block_n=32),
         }
     out = {}
     for name, change in variants.items():
         cfg = dataclasses.replace(base, **change)
-        out[f"triton[{name}]"] = lambda q, k, v, cfg=cfg: hilt_attention(q, k, v, config=cfg)
+        out[f"triton[{name}]"] = lambda q, k, v, cfg=cfg: hilt_attention(q, k, v, config=cfg, impl="v2")
     return out
 
 
@@ -236,132 +238,19 @@ def run_shape(
     return rows
 
 
-# ---- compile-only: ahead-of-time compile for a GPU target on any machine -------------------
-
-
-def capture_launches(shape: Shape, dtype: torch.dtype) -> list[tuple[Callable, tuple, dict]]:
-    """Run the host launchers on small CPU tensors with the GPU tile choice, recording each launch."""
-    ka = importlib.import_module("kernels.hilt_attention")
-    calls = []
-
-    def record(fn, grid, *args, **kwargs):
-        calls.append((fn, args, kwargs))
-
-    q = torch.zeros((1, max(shape.heads, 1), shape.queries, shape.width), dtype=dtype)
-    k = torch.zeros((1, max(shape.heads, 1), 64, shape.width), dtype=dtype)
-    v = k if shape.kv_same else torch.zeros_like(k)
-    stats = torch.zeros(q.shape[:-1])
-    launch_mod = importlib.import_module("kernels.launch")
-    with (
-        mock.patch.object(ka, "launch", record),
-        mock.patch.object(launch_mod, "interpreting", lambda: False),
-    ):
-        ka._forward(q, k, v, 1.0)
-        cfg = ka.pick_config(shape.queries, k.shape[2], shape.width, dtype)
-        if ka.pow2(shape.width) <= ka.NARROW_HEAD:  # the same routing as the backward
-            ka._backward_narrow(q, k, v, q, stats, stats, 1.0, shape.kv_same, cfg)
-        else:
-            ka._backward_p_ds(q, k, v, q, stats, stats, 1.0, cfg)
-    return calls
-
-
-def compile_launch(fn: Callable, args: tuple, kwargs: dict, arch: int):
-    """Compile one recorded launch for ``cuda:<arch>`` without a GPU; returns the CompiledKernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "0"}):  # a real JITFunction, whatever the mode
-        jit_fn = triton.jit(fn)
-    kwargs = dict(kwargs)
-    options = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages", 2)}
-    values = dict(zip(jit_fn.arg_names, args)) | kwargs
-    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    signature, constexprs = {}, {}
-    for param in jit_fn.params:
-        val = values[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", val
-        elif isinstance(val, torch.Tensor):
-            signature[param.name] = "*" + dtypes[val.dtype]
-        else:
-            signature[param.name] = "fp32" if isinstance(val, float) else "i32"
-    return triton.compile(
-        ASTSource(jit_fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options
-    )
-
-
-def ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers, spill bytes and shared memory from ``ptxas -v`` (the newest ptxas triton ships)."""
-    import triton
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for name in ("ptxas-blackwell", "ptxas"):
-        exe = os.path.join(bin_dir, name)
-        if not os.path.exists(exe):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "k.ptx")
-            with open(src, "w") as f:
-                f.write(ptx)
-            run = subprocess.run(
-                [exe, f"-arch=sm_{arch}a", "-v", src, "-o", os.path.join(tmp, "k.o")],
-                capture_output=True,
-                text=True,
-            )
-        regs = re.search(r"Used (\d+) registers", run.stderr)
-        spills = re.search(r"(\d+) bytes spill stores", run.stderr)
-        if run.returncode == 0 and regs and spills:
-            return {"registers": int(regs.group(1)), "spill_bytes": int(spills.group(1))}
-    return {"registers": None, "spill_bytes": None}
-
-
-def print_compile_report(arch: int) -> dict:
-    """Compile every kernel as the launchers would call it for the issue's shapes; print ptxas use."""
-    rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        for shape in (Shape(1, 0, 64, 4096, 768, True), Shape(1, 0, 64, 4096, 768, False),
-                      Shape(1, 12, 64, 4096, 64, True), Shape(1, 12, 64, 4096, 64, False)):  # fmt: skip
-            for fn, args, kwargs in capture_launches(shape, dtype):
-                kernel = compile_launch(fn, args, kwargs, arch)
-                usage = ptxas_usage(kernel.asm["ptx"], arch)
-                blocks = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "num_"))}
-                rows.append({"kernel": fn.__name__, "case": shape.label(), "dtype": str(dtype)[6:],
-                             "shared_bytes": kernel.metadata.shared, **usage, **blocks})  # fmt: skip
-    for r in rows:
-        tiles = " ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("BLOCK", "num_")))
-        print(f"{r['kernel']:<20} {r['case']:<28} {r['dtype']:<9} regs={r['registers']} "
-              f"spill={r['spill_bytes']}B smem={r['shared_bytes']} {tiles}")  # fmt: skip
-    import triton
-
-    payload = {"arch": arch, "triton": triton.__version__, "rows": rows}
-    print(json.dumps(payload))
-    return payload
-
-
-def print_table(rows: list[dict]) -> None:
+def format_table(rows: list[dict]) -> str:
     """Human-readable table: one line per (shape, implementation)."""
     head = f"{'shape':<32} {'impl':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd %roof':>9} {'f+b %roof':>9} "
     head += f"{'err':>8} {'grad err':>8} {'speedup':>11}"
-    print(head)
-    print("-" * len(head))
+    lines = [head, "-" * len(head)]
     for r in rows:
         speed = f"{r['speedup_fwd']:.2f}/{r['speedup_fwd_bwd']:.2f}" if "speedup_fwd" in r else ""
-        print(
+        lines.append(
             f"{r['shape']:<32} {r['impl']:<20} {r['fwd_ms'][1]:>9.4f} {r['fwd_bwd_ms'][1]:>11.4f} "
             f"{r['fwd_roofline_pct']:>9.1f} {r['fwd_bwd_roofline_pct']:>9.1f} "
             f"{r['max_rel_err']:>8.1e} {r['max_rel_err_grad']:>8.1e} {speed:>11}"
         )
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Write atomically: a temp file in the target directory, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -379,11 +268,21 @@ def main(argv: list[str] | None = None) -> dict:
         help="no GPU needed: compile the kernels for --arch, print ptxas use",
     )
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
-    parser.add_argument("--out", default="kernel_bench.json", help="JSON results file")
+    parser.add_argument("--impl", choices=["v2", "v1"], default="v2", help="kernel for --compile-only")
+    parser.add_argument("--fp32", action="store_true", help="--compile-only: fp32 launches too")
+    parser.add_argument("--out", default="kernel_bench", help="directory for the table (.txt) and .json")
     args = parser.parse_args(argv)
+    name = "kernel_bench_quick" if args.quick else "kernel_bench"
 
     if args.compile_only:
-        return print_compile_report(args.arch)
+        from kernels.compile_report import format_rows, report
+
+        dtypes = (torch.bfloat16, torch.float32) if args.fp32 else (torch.bfloat16,)
+        payload = report(args.arch, args.impl, dtypes)
+        name = f"compile_{args.impl}_sm{args.arch}"
+        write_text_atomic(os.path.join(args.out, name + ".txt"), format_rows(payload) + "\n")
+        write_json_atomic(os.path.join(args.out, name + ".json"), payload)
+        return payload
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ["TRITON_INTERPRET"] = "1"  # the kernels read it at launch
@@ -412,9 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows.extend(run_shape(shape, {**impls, **extra}, dtype, device, bw))
         if on_gpu:
             torch.cuda.empty_cache()
-    print(f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__} | dtype {dtype} "
-          f"| copy {bw / 1e9:.0f} GB/s | times: p50 ms")  # fmt: skip
-    print_table(rows)
+    header = (f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__} | dtype {dtype} "
+              f"| copy {bw / 1e9:.0f} GB/s | times: p50 ms")  # fmt: skip
+    table = header + "\n" + format_table(rows)
+    print(table)
     payload = {
         "device": device_name,
         "interpreter": not on_gpu,
@@ -427,7 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     print(json.dumps(payload))
-    write_json(args.out, payload)
+    write_text_atomic(os.path.join(args.out, name + ".txt"), table + "\n")
+    write_json_atomic(os.path.join(args.out, name + ".json"), payload)
     return payload
 
 

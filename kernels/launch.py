@@ -6,6 +6,7 @@ Kept apart from the kernels themselves (``hilt_attention.py``): this is the part
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -24,6 +25,13 @@ def interpreting() -> bool:
 def triton_available() -> bool:
     """True when the kernels can run here: CUDA present or the Triton interpreter switched on."""
     return torch.cuda.is_available() or interpreting()
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 stands in for the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 @functools.cache
@@ -149,3 +157,86 @@ def same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
         and a.stride() == b.stride()
         and a.dtype == b.dtype
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# v2 (``hilt_v2.py``): one program owns all of C for a key split; the choices below.
+# ----------------------------------------------------------------------------------------------
+
+MAX_CHUNKS = 4  # the v2 kernels hold up to 4 C chunks (acc0..acc3): C <= 4 * 256 = 1024
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    """v2 tiles: BLOCK_D is the C chunk width (C = up to 4 chunks); splits None = heuristic."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int = 8
+    num_stages: int = 2
+    bwd_block_n: int = 32
+    bwd_num_warps: int = 8
+    bwd_num_stages: int = 2
+    bwd_fused_dq: bool = True  # dQ on chip in the dK/dV pass (K read once); False: a second dQ pass
+    kv_block_m: int = 64  # queries per dK/dV program (all of them, up to this; more: host chunks)
+    programs_per_sm: int = 1  # resident programs per SM the split heuristic assumes
+    num_splits: int | None = None
+    bwd_num_splits: int | None = None
+
+    def chunks(self, d: int) -> int:
+        return triton.cdiv(d, self.block_d)
+
+
+def fused_supported(d: int) -> bool:
+    """v2 covers heads up to 4 chunks of 256 (C <= 1024)."""
+    return d <= MAX_CHUNKS * 256
+
+
+def pick_fused_config(
+    m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None, same_kv: bool = True
+) -> FusedConfig:
+    """v2 tile choice. GPU rows were checked only by compiling for sm_90 (``python -m kernels.bench
+    --compile-only``: registers, spills, shared memory, cp.async / wgmma); to be tuned on a GPU.
+    Separate K and V tiles double the shared memory per key block: half the key tile."""
+    interpret = interpreting() if interpret is None else interpret
+    block_m = min(64, pow2(m))
+    block_d = min(pow2(d), 256)
+    if interpret:  # ~1 ms per program instance: few, large programs
+        return FusedConfig(block_m, 64, block_d, num_warps=4, num_stages=1, bwd_block_n=64, bwd_num_stages=1)
+    wide = pow2(d) > NARROW_HEAD
+    if dtype == torch.float32:  # 4-byte tiles (exact fp32 dots, no tensor cores): small tiles
+        if wide:
+            return FusedConfig(
+                min(block_m, 16), 16, block_d, num_warps=8, num_stages=2, bwd_block_n=16, bwd_num_stages=1,
+                bwd_fused_dq=False, kv_block_m=16,
+            )  # fmt: skip
+        return FusedConfig(block_m, 32, block_d, 8, 3, bwd_block_n=16, bwd_num_warps=8)
+    if wide:  # C = 768: three 256-wide chunks of Q, K (= V) and acc; see kernels/README.md
+        return FusedConfig(
+            min(block_m, 32), 64 if same_kv else 32, block_d, num_warps=8, num_stages=2,
+            bwd_block_n=16, bwd_num_warps=8, bwd_num_stages=1, bwd_fused_dq=False,
+        )  # fmt: skip
+    return FusedConfig(block_m, 64, block_d, num_warps=4, num_stages=3, bwd_block_n=64, bwd_num_warps=4)
+
+
+def fa2_num_splits(programs: int, slots: int, key_blocks: int, max_splits: int = 128) -> int:
+    """FlashAttention-2's split heuristic: the fewest key splits whose wave efficiency is within
+    85 % of the best, so that ``programs * splits`` fills ``slots`` (SMs x programs per SM).
+
+    ``programs`` is the grid without the split axis (B * H * query blocks)."""
+    if programs >= 0.8 * slots:
+        return 1
+    top = max(1, min(max_splits, slots, key_blocks))
+    eff = []
+    for s in range(1, top + 1):
+        waves = programs * s / slots
+        eff.append(waves / math.ceil(waves))
+    best = max(eff)
+    return next(s for s, e in enumerate(eff, 1) if e >= 0.85 * best)
+
+
+def split_keys(n: int, block_n: int, splits: int) -> tuple[int, int]:
+    """(splits, keys_per_split) with keys_per_split a multiple of block_n and no empty split."""
+    per = triton.cdiv(triton.cdiv(n, max(splits, 1)), block_n) * block_n
+    return triton.cdiv(n, per), per
