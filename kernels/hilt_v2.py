@@ -56,8 +56,8 @@ def _fwd_kernel(
     NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key split x one query block, all of C: partial (m, l, acc) for its keys."""
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # fastest: the query blocks sharing a key range run together (L2)
+    pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
@@ -180,7 +180,7 @@ def _forward(
     lx = _empty((splits, bh, m), torch.float32, q.device)
     launch(
         _fwd_kernel,
-        (splits, n_m, bh),
+        (n_m, splits, bh),
         q, k, v, acc, mx, lx,
         scale * LOG2E, m, n, heads, keys_per_split,
         *q.stride(), *k.stride(), *v.stride(),

@@ -62,11 +62,11 @@ def _bwd_kernel(
 ):  # fmt: skip
     """One key split x one query block, all of C: dK, dV of its key blocks and/or its dQ partial.
 
-    WRITE_KV needs all queries in the block (grid axis 1 of size 1); WRITE_DQ alone takes any
+    WRITE_KV needs all queries in the block (grid axis 0 of size 1); WRITE_DQ alone takes any
     number of query blocks.
     """
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # fastest: the query blocks sharing a key range run together (L2)
+    pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
@@ -296,7 +296,7 @@ def backward(q, k, v, dout, o_attn, lse, scale, cfg: FusedConfig, needs_input_gr
             _launch_bwd(
                 q[:, :, m0:m1], k, v_eff, do[:, :, m0:m1], lse[:, :, m0:m1].contiguous(),
                 delta[:, :, m0:m1].contiguous(), dk_c, dv_c, dq_part, scale, cfg,
-                grid=(splits, 1, bh), keys_per_split=per, write_kv=True, write_dq=fused_dq, sum_kv=aliased,
+                grid=(1, splits, bh), keys_per_split=per, write_kv=True, write_dq=fused_dq, sum_kv=aliased,
                 block_m=kv_block_m, block_n=cfg.bwd_block_n, num_warps=cfg.bwd_num_warps,
                 num_stages=cfg.bwd_num_stages,
             )  # fmt: skip
@@ -312,7 +312,7 @@ def backward(q, k, v, dout, o_attn, lse, scale, cfg: FusedConfig, needs_input_gr
         dq_part = _empty((splits, bh, m, d), torch.float32, q.device)
         _launch_bwd(
             q, k, v_eff, do, lse, delta, dq_part, dq_part, dq_part, scale, cfg,
-            grid=(splits, n_m, bh), keys_per_split=per, write_kv=False, write_dq=True, sum_kv=False,
+            grid=(n_m, splits, bh), keys_per_split=per, write_kv=False, write_dq=True, sum_kv=False,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         dq_acc = dq_part.sum(0).view(bsz, heads, m, d)
