@@ -209,3 +209,18 @@ def test_deepspeed_types_are_allow_listed():
     names = {c.__name__ for c in checkpoint.allowed_globals()}
     assert names == {"LossScaler", "ZeroStageEnum", "fragment_address"}
     assert LossScaler in checkpoint.allowed_globals()
+
+
+def test_a_first_save_cut_short_means_a_fresh_start(tmp_path):
+    """Killed inside the very first save (no LATEST yet): --resume starts from step 0, saying why."""
+    dead = tmp_path / "step00000001"
+    dead.mkdir()
+    (dead / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    messages: list[str] = []
+    assert checkpoint.load(FakeEngine(), tmp_path, IDENTITY, log=messages.append) is None
+    assert "unfinished save" in messages[0]
+    # With a pointer, the tag it names must be intact: a missing manifest there is damage.
+    save_step(FakeEngine(), tmp_path, 2, keep=1)
+    (tmp_path / "step00000002" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        checkpoint.load(FakeEngine(), tmp_path, IDENTITY, log=lambda _m: None)

@@ -265,7 +265,7 @@ def verify(tag_dir: str | Path) -> dict[str, Any]:
 def find_resumable(ckpt_dir: str | Path, log: Callable[[str], None] = print) -> tuple[str, dict] | None:
     """(tag, manifest) of the newest intact checkpoint: the pointer's tag, else the newest older one.
 
-    None when there is no checkpoint at all; CheckpointError (listing every tag's problem) when
+    None when no save ever finished (no pointer, no manifest); CheckpointError (listing every tag's problem) when
     checkpoints exist but none is intact. Tags newer than the pointer's are unfinished saves.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -280,6 +280,10 @@ def find_resumable(ckpt_dir: str | Path, log: Callable[[str], None] = print) -> 
         candidates = list(reversed(found))
     problems = []
     for tag in candidates:
+        if named is None and not (ckpt_dir / tag / MANIFEST).exists():
+            # No pointer yet: a tag without manifest is a first save that was cut short.
+            log(f"checkpoint {tag} is an unfinished save (no {MANIFEST}); not resuming from it")
+            continue
         try:
             manifest = verify(ckpt_dir / tag)
         except CheckpointError as exc:
@@ -289,6 +293,8 @@ def find_resumable(ckpt_dir: str | Path, log: Callable[[str], None] = print) -> 
         if problems:
             log(f"resuming from the newest intact checkpoint {ckpt_dir / tag} instead")
         return tag, manifest
+    if not problems:
+        return None  # only unfinished first saves: nothing was ever checkpointed
     raise CheckpointError(f"{ckpt_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(problems))
 
 
