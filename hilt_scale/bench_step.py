@@ -198,6 +198,7 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> dict[str,
     """Run ``step()`` warmup + steps times; median/min ms of the timed ones and peak memory."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        start_gib = torch.cuda.memory_allocated(device) / GIB  # weights (+ any leftover of earlier rows)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -219,6 +220,7 @@ def time_steps(step, warmup: int, steps: int, device: torch.device) -> dict[str,
     if device.type == "cuda":
         out["peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+        out["start_alloc_gib"] = start_gib
     return out
 
 
@@ -346,6 +348,8 @@ def run_grid(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * GIB / total), device)
     t0 = time.perf_counter()
     llm = build_bench_llm(any_cfg, device)
+    gc.collect()
+    gc.freeze()  # the imports and the LLM stay: later gc.collect() calls scan only new objects (~1 s -> ms)
     build_s = time.perf_counter() - t0
     print(
         f"# built {any_cfg.llm.name} ({any_cfg.llm.quantization}) on {device} in {build_s:.1f} s", flush=True
@@ -355,9 +359,12 @@ def run_grid(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
         for c, ck, mb in grid:
             cfg = cfgs[c]
             if engine == "deepspeed":  # a fresh LLM: ZeRO leaves hooks and flat buffers on its params
+                gc.unfreeze()  # let the old LLM's cycles be collected
                 del llm
                 _release([], device)
                 llm = build_bench_llm(any_cfg, device)
+                gc.collect()
+                gc.freeze()
             model = assemble(cfg, llm, device, dtype)
             set_checkpointing(model, ck == "on")
             row = row_stub(cfg, c, ck, mb, engine, "ok", "", model=model, text_tokens=args.text_tokens)
@@ -377,6 +384,7 @@ def run_grid(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
             _release([], device)
             rows.append(finish_row(row, args))
             print(format_table([rows[-1]], header=len(rows) == 1), flush=True)
+    gc.unfreeze()
     return rows
 
 

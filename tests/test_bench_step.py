@@ -9,7 +9,7 @@ import torch
 from hilt_scale import bench_step
 from hilt_scale.model.config import model_config
 
-FAST = ["--micro-batch", "1", "--text-tokens", "24", "--warmup", "1", "--steps", "1", "--device", "cpu"]
+FAST = ["--micro-batch", "1", "--text-tokens", "24", "--warmup", "0", "--steps", "1", "--device", "cpu"]
 
 
 def test_cpu_grid_rows_parts_and_files(tmp_path, capsys):
