@@ -274,6 +274,7 @@ def measure_deepspeed(
     from hilt_scale.training.config import TrainConfig  # noqa: PLC0415
     from hilt_scale.training.distributed import ds_values, fill_ds_config, setup_distributed  # noqa: PLC0415
 
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # keep --threads on CPU
     setup_distributed()
     import deepspeed  # noqa: PLC0415
 
@@ -496,10 +497,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cpu":
             torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        t0 = time.perf_counter()
+        t0, where = time.perf_counter(), device_line(device)
         rows = run_grid(args, device, dtype)
         result = {
-            "device": device_line(device),
+            "device": where,
             "command": "python -m hilt_scale.bench_step " + " ".join(argv if argv is not None else sys.argv[1:]),
             "vision": args.vision, "llm": args.llm, "resolution": args.resolution,
             "dtype": str(dtype).removeprefix("torch."), "text_tokens": args.text_tokens,
