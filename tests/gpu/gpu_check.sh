@@ -79,7 +79,7 @@ PY
 # --- CPU-side data prep in the background (16 cores; 2 processes each): the loader bench's
 # shard set at the paper size and the training run's phantom default at `normal` size.
 if wanted loader; then
-  (python3 -m shards.phantom --out /tmp/ph512 --n 6 --size 256,512,512 --workers 2 \
+  (python3 -m shards.phantom --out /tmp/ph512 --n 8 --size 256,512,512 --workers 2 \
     && python3 -m shards.write --ct-rate /tmp/ph512 --out /tmp/sh512 --hr-size 256,512,512 --stretch --workers 2 --no-progress) \
     > "$OUT/loader_prep.log" 2>&1 &
   PREP_LOADER=$!
@@ -166,7 +166,7 @@ fi
 
 # --- the loader keeps up? samples/s per worker at 256x512x512 against the step's samples/s.
 if [[ -n "${PREP_LOADER:-}" ]]; then
-  wait_for "$PREP_LOADER" 120 "loader data prep" && step loader 90 python3 -m shards.bench /tmp/sh512 --workers 1,2,4 --repeats 2
+  wait_for "$PREP_LOADER" 120 "loader data prep" && step loader 90 python3 -m shards.bench /tmp/sh512 --split train --workers 1,2,4 --repeats 2
   PER=$(python3 -c "import json,sys; r=json.loads([l for l in open(sys.argv[1]) if l.startswith('{')][-1]); print([d for d in r['decode'] if d['workers']==1][0]['samples_per_s_per_worker'])" "$OUT/loader.log" 2>/dev/null)
   if [[ -n "$PER" && -f "$OUT/bench_step_8b.json" ]]; then
     note "loader samples/s per worker at 256x512x512: $PER"
