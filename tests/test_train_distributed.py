@@ -211,3 +211,224 @@ def test_export_reloads_and_generate_reproduces_predictions(cache, zero3_run, tm
     (one,) = read_jsonl(tmp_path / "n.jsonl")
     assert one["key"] == key and one["generated"] == predictions[key]["generated"]
     assert key in (tmp_path / "n.txt").read_text()
+
+
+# ---- issue 15: reliability of checkpoints, resume, bad data and generate (trainer side) ----
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def tag_files(tag: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(tag.iterdir())}
+
+
+PY_ZERO2 = [sys.executable, TRAIN, "--ds", "ds_configs/zero2.json"]
+
+
+@pytest.fixture(scope="module")
+def finished(cache, tmp_path_factory) -> Path:
+    """A finished one-process ZeRO-2 run of 4 steps with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(PY_ZERO2 + tiny_flags(cache, out, "--max-steps", "4", "--no-eval"))
+    return out
+
+
+def test_resuming_a_finished_run_never_rewrites_its_checkpoint(cache, finished, tmp_path):
+    """Case 2: the resumed finished run does not save into LATEST's tag (a kill there lost it)."""
+    out = copy_run(finished, tmp_path / "run")
+    tag = out / "checkpoints" / "step00000004"
+    before = tag_files(tag)
+    # Were anything written into the tag, the process would die mid-write (as in the issue).
+    run(
+        PY_ZERO2 + tiny_flags(cache, out, "--max-steps", "4", "--no-eval", "--resume"),
+        {"HILT_SCALE_KILL_IN_SAVE": "4:write"},
+    )
+    assert tag_files(tag) == before
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step00000004"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_falls_back_from_a_truncated_tag_to_the_older_intact_one(cache, finished, tmp_path):
+    """Case 2 / 8: a truncated file in LATEST's tag is named; step 2 resumes; the result is exact."""
+    out = copy_run(finished, tmp_path / "run")
+    bad = out / "checkpoints" / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
+    proc = run(PY_ZERO2 + tiny_flags(cache, out, "--max-steps", "4", "--no-eval", "--resume"))
+    said = proc.stdout + proc.stderr
+    assert str(bad) in said and "truncated" in said and "step00000002" in said
+    assert "resumed at step 2" in proc.stdout
+    assert train_losses(out) == train_losses(finished)
+    a, b = export_tensors(finished), export_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_model_data_set_and_zero_stage_by_name(cache, finished, tmp_path):
+    """Case 8: named before DeepSpeed's own assertions (which said nothing of what changed)."""
+    out = copy_run(finished, tmp_path / "run")
+    cmd = [sys.executable, TRAIN, "--ds", "ds_configs/zero3.json"]
+    flags = tiny_flags(cache, out, "--max-steps", "4", "--no-eval", "--resume", "--set", "vision.depth=3")
+    proc = run(cmd + flags + ["--phantom-n", "20"], check=False)
+    assert proc.returncode != 0
+    for change in ("model.vision.depth: 2 -> 3", "config.phantom_n: 24 -> 20", "zero_stage: 2 -> 3"):
+        assert change in proc.stderr, proc.stderr[-3000:]
+
+
+PAYLOAD = """
+import sys, torch
+class Payload:
+    def __reduce__(self):
+        return (open, (sys.argv[2], "w"))
+torch.save({"module": Payload(), "optimizer_state_dict": Payload()}, sys.argv[1])
+"""
+
+
+def test_a_payload_planted_in_deepspeed_files_never_runs(cache, finished, tmp_path):
+    """Case 5: DeepSpeed's loader used torch.load(weights_only=False) on these files."""
+    from hilt_scale.training import checkpoint
+
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        out = copy_run(finished, tmp_path / name)
+        tag = out / "checkpoints" / "step00000004"
+        marker = tmp_path / f"PWNED-{name}"
+        subprocess.run([sys.executable, "-c", PAYLOAD, str(tag / name), str(marker)], check=True)
+        if (tag / "manifest.json").exists():  # the manifest is a checksum, no signature: refresh it
+            manifest = json.loads((tag / "manifest.json").read_text())
+            checkpoint.write_manifest(tag, 4, manifest["run"])
+        proc = run(
+            PY_ZERO2 + tiny_flags(cache, out, "--max-steps", "4", "--no-eval", "--resume"), check=False
+        )
+        assert proc.returncode != 0
+        assert not marker.exists(), f"the payload in {name} ran"
+        assert str(tag / name) in proc.stderr and "refused to load" in proc.stderr, proc.stderr[-3000:]
+
+
+def corrupt_copy(cache: Path, dst: Path, splits: tuple[str, ...]) -> tuple[Path, dict[str, str]]:
+    """A copy of the phantom shard set with the volume of the first sample of each split damaged."""
+    import shutil
+
+    shards = Path(build_default(cache, N, SIZE, 0)[0])
+    shutil.copytree(shards, dst)
+    index = json.loads((dst / "index.json").read_text())
+    bad = {}
+    for split in splits:
+        shard = next(s for s in index["shards"] if s["split"] == split)
+        offset, size = shard["members"][0]["vol.zst"]
+        with open(dst / shard["name"], "r+b") as f:
+            f.seek(offset + size // 2)
+            f.write(bytes(64))
+        bad[split] = shard["keys"][0]
+    return dst, bad
+
+
+def test_on_error_skip_counts_bad_volumes_and_keeps_every_good_one(cache, tmp_path):
+    """Case 7: one bad training and one bad validation volume are skipped, counted, nothing else lost."""
+    data, bad = corrupt_copy(cache, tmp_path / "shards", ("train", "valid"))
+    out = tmp_path / "run"
+    flags = (
+        "--data",
+        str(data),
+        "--on-error",
+        "skip",
+        "--epochs",
+        "1",
+        "--trace-keys",
+        "--max-new-tokens",
+        "4",
+    )
+    run(PY_ZERO2 + tiny_flags(cache, out, *flags))
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["skipped"]["train"].values()) == 1 and sum(summary["skipped"]["eval"].values()) == 1
+    index = json.loads((data / "index.json").read_text())
+    keys = {
+        sp: {k for s in index["shards"] if s["split"] == sp for k in s["keys"]} for sp in ("train", "valid")
+    }
+    assert set(json.loads((out / "keys.rank0.json").read_text())) == keys["train"] - {bad["train"]}
+    predicted = {r["key"] for r in read_jsonl(out / "predictions.jsonl")}
+    assert predicted == keys["valid"] - {bad["valid"]} and summary["final"]["n"] == len(predicted)
+    assert summary["eval_errors"] == [] and (out / "export" / "config.json").exists()
+
+
+def test_a_failing_evaluation_keeps_the_export_and_summary(cache, tmp_path):
+    """Case 7: under --on-error raise a bad eval volume is a clear error, after export and summary."""
+    data, bad = corrupt_copy(cache, tmp_path / "shards", ("valid",))
+    out = tmp_path / "run"
+    flags = ("--data", str(data), "--max-steps", "2", "--max-new-tokens", "4")
+    proc = run(PY_ZERO2 + tiny_flags(cache, out, *flags), check=False)
+    assert proc.returncode != 0
+    assert (out / "export" / "config.json").exists() and (out / "export" / "vision.safetensors").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final"] is None
+    (error,) = summary["eval_errors"]
+    assert bad["valid"] in error and str(data) in error
+    assert "evaluation failed" in proc.stderr
+
+
+def test_generate_writes_the_good_reports_and_names_the_bad_files(cache, zero3_run, tmp_path):
+    """Case 9: one unreadable NIfTI among good ones: the good reports are written, the bad one named."""
+    import shutil
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = sorted(Path(cache).rglob("valid_*.nii.gz"))[:2]
+    for p in good:
+        shutil.copy(p, scans / p.name)
+    broken = scans / f"{good[0].name[:-7]}_broken.nii.gz"  # sorts between the two good ones
+    broken.write_bytes(b"not a nifti file")
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "hilt_scale.generate",
+            "--run",
+            str(zero3_run),
+            str(scans),
+            "--out",
+            str(tmp_path / "g"),
+        ],
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert str(broken) in proc.stderr
+    records = read_jsonl(tmp_path / "g.jsonl")
+    assert [r["key"] for r in records] == sorted(p.name[:-7] for p in good)
+    text = (tmp_path / "g.txt").read_text()
+    assert all(r["key"] in text and r["generated"] for r in records)
+
+
+def test_chaos_kills_during_saves_and_resumes_end_exact(cache, tmp_path):
+    """Three seeded kills of a 2-rank run (mid-write, before/after the manifest and pointer, in a
+    resumed run's first save), each followed by --resume: the same losses and export as no kill."""
+    import random
+
+    def torchrun(out: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
+            "--ds", "ds_configs/zero2.json",
+            *tiny_flags(cache, out, "--max-steps", "5", "--save-every", "1", "--no-eval", *extra),
+        ]  # fmt: skip
+
+    straight, chaos = tmp_path / "straight", tmp_path / "chaos"
+    run(torchrun(straight))
+    rng = random.Random(15)
+    phases = ("write", "trainer", "manifest", "pointer")
+    resumed, kills = 0, []
+    for n in range(3):
+        # The second kill hits the first save of the resumed run; the others a seeded later step.
+        step = resumed + 1 if n == 1 else min(5, resumed + rng.randint(1, 2))
+        kills.append(f"{step}:{rng.choice(phases)}")
+        proc = run(torchrun(chaos, "--resume"), {"HILT_SCALE_KILL_IN_SAVE": kills[-1]}, check=False)
+        assert proc.returncode != 0, (kills, proc.stdout[-2000:])
+        pointer = chaos / "checkpoints" / "LATEST"
+        resumed = int(pointer.read_text().strip()[4:12]) if pointer.exists() else 0
+        if resumed >= 5:  # killed after the last save: the run is complete on disk
+            break
+    run(torchrun(chaos, "--resume"))
+    assert train_losses(chaos) == train_losses(straight), kills
+    a, b = export_tensors(straight), export_tensors(chaos)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kills
