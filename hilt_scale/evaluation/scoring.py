@@ -134,8 +134,8 @@ def format_report(scores: dict) -> str:
     rows[-1] += f"{scores['n']} reports, {scores['n_empty_generated']} empty generated"
     if scores.get("approximate"):
         rows.append(
-            f"tokenizer: {scores.get('tokenizer')} (no Java): the text metrics only APPROXIMATE the standard "
-            "pycocoevalcap PTB tokenisation; install Java for comparable numbers"
+            f"tokenizer: {scores.get('tokenizer')} (pure-Python, used without Java): the text metrics only "
+            "APPROXIMATE the standard pycocoevalcap PTB tokenisation; use Java for comparable numbers"
         )
     else:
         rows.append(
