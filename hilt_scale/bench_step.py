@@ -334,7 +334,9 @@ def measure_llm(llm: nn.Module, seq: int, micro_batch: int, warmup: int, steps: 
     return time_steps(step, warmup, steps, device)
 
 
-def run_grid(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+def run_grid(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype, on_row=None
+) -> list[dict[str, Any]]:
     """All rows: connectors x checkpointing x micro-batch (+ parts, + DeepSpeed rows)."""
     rows: list[dict[str, Any]] = []
     sets = [f"llm.dtype={'bfloat16' if dtype == torch.bfloat16 else 'float32'}", *args.set]
@@ -384,6 +386,8 @@ def run_grid(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
             del model, batch, params, fn
             _release([], device)
             rows.append(finish_row(row, args))
+            if on_row is not None:
+                on_row(rows)
             print(format_table([rows[-1]], header=len(rows) == 1), flush=True)
     gc.unfreeze()
     return rows
@@ -497,30 +501,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if device.type == "cpu":
             torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        t0, where = time.perf_counter(), device_line(device)
-        rows = run_grid(args, device, dtype)
+        t0 = time.perf_counter()
         result = {
-            "device": where,
+            "device": device_line(device),
             "command": "python -m hilt_scale.bench_step " + " ".join(argv if argv is not None else sys.argv[1:]),
             "vision": args.vision, "llm": args.llm, "resolution": args.resolution,
             "dtype": str(dtype).removeprefix("torch."), "text_tokens": args.text_tokens,
-            "warmup": args.warmup, "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1),
-            "rows": rows,
+            "warmup": args.warmup, "steps": args.steps,
         }  # fmt: skip
+
+        def partial(rows: list[dict[str, Any]]) -> None:  # files after every row: a timeout keeps them
+            if args.out:
+                save(args, {**result, "rows": rows, "partial": True})
+
+        result["rows"] = run_grid(args, device, dtype, partial)
+        result["seconds"] = round(time.perf_counter() - t0, 1)
     result["loader_samples_per_s_per_worker"] = args.loader_samples_per_s or result.get(
         "loader_samples_per_s_per_worker"
     )
-    result["targets"] = targets(result["rows"])
-    title = f"{result['vision']} + {result['llm']} at {result['resolution']}, {result['dtype']}: {result['device']}"
-    md = f"{title}\n\n{format_table(result['rows'])}\n\ntargets: {json.dumps(result['targets'])}\n"
+    result.pop("partial", None)
+    md, title = save(args, result)
     print("\n" + md)
     if args.out:
-        out = Path(args.out)
-        write_text_atomic(out / f"{args.name}.md", md)
-        write_json_atomic(out / f"{args.name}.json", result)
-        print(plot(result["rows"], out / f"{args.name}.png", title))
+        print(plot(result["rows"], Path(args.out) / f"{args.name}.png", title))
     print(json.dumps(result, default=str))
     return result
+
+
+def save(args: argparse.Namespace, result: dict[str, Any]) -> tuple[str, str]:
+    """Targets into ``result``; the Markdown (and with --out the .md and .json files); (md, title)."""
+    result["targets"] = targets(result["rows"])
+    title = f"{result['vision']} + {result['llm']} at {result['resolution']}, {result['dtype']}: {result['device']}"
+    flag = " (partial: the run stopped before its last row)" if result.get("partial") else ""
+    md = f"{title}{flag}\n\n{format_table(result['rows'])}\n\ntargets: {json.dumps(result['targets'])}\n"
+    if args.out:
+        write_text_atomic(Path(args.out) / f"{args.name}.md", md)
+        write_json_atomic(Path(args.out) / f"{args.name}.json", result)
+    return md, title
 
 
 if __name__ == "__main__":

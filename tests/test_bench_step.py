@@ -33,6 +33,8 @@ def test_cpu_grid_rows_parts_and_files(tmp_path, capsys):
     assert json.loads(printed.strip().splitlines()[-1])["rows"][0]["connector"] == "hilt"
     for name in ("bench_step.md", "bench_step.json"):
         assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "bench_step.json").read_text())
+    assert "partial" not in saved and len(saved["rows"]) == 4  # rewritten after each row, final at the end
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "bench_step.png").read_bytes()[:4] == b"\x89PNG"
 
