@@ -253,6 +253,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def out_paths(out: str, name: str) -> tuple[str, str]:
+    """(json, txt) paths: ``DIR/name.json`` and ``DIR/name.txt``, or ``X.json`` and ``X.txt`` when
+    ``--out`` names a .json file (the GPU script's form)."""
+    if out.endswith(".json"):
+        return out, out.removesuffix(".json") + ".txt"
+    return os.path.join(out, name + ".json"), os.path.join(out, name + ".txt")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark grid, print table + JSON line, write the JSON file; return the payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -270,7 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
     parser.add_argument("--impl", choices=["v2", "v1"], default="v2", help="kernel for --compile-only")
     parser.add_argument("--fp32", action="store_true", help="--compile-only: fp32 launches too")
-    parser.add_argument("--out", default="kernel_bench", help="directory for the table (.txt) and .json")
+    parser.add_argument(
+        "--out", default="kernel_bench", help="directory for the table (.txt) and .json, or a .json path"
+    )
     args = parser.parse_args(argv)
     name = "kernel_bench_quick" if args.quick else "kernel_bench"
 
@@ -280,8 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
         dtypes = (torch.bfloat16, torch.float32) if args.fp32 else (torch.bfloat16,)
         payload = report(args.arch, args.impl, dtypes)
         name = f"compile_{args.impl}_sm{args.arch}"
-        write_text_atomic(os.path.join(args.out, name + ".txt"), format_rows(payload) + "\n")
-        write_json_atomic(os.path.join(args.out, name + ".json"), payload)
+        json_path, text_path = out_paths(args.out, name)
+        write_text_atomic(text_path, format_rows(payload) + "\n")
+        write_json_atomic(json_path, payload)
         return payload
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -327,8 +338,9 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     print(json.dumps(payload))
-    write_text_atomic(os.path.join(args.out, name + ".txt"), table + "\n")
-    write_json_atomic(os.path.join(args.out, name + ".json"), payload)
+    json_path, text_path = out_paths(args.out, name)
+    write_text_atomic(text_path, table + "\n")
+    write_json_atomic(json_path, payload)
     return payload
 
 

@@ -319,6 +319,10 @@ def test_bench_cpu_quick_writes_json(tmp_path, capsys):
     assert "triton-v1" in (tmp_path / "kernel_bench_quick.txt").read_text()
     impls = {r["impl"] for r in payload["rows"]}
     assert impls == {"eager", "sdpa", "triton", "triton-v1"}
+    assert bench.out_paths(str(tmp_path / "x.json"), "kernel_bench") == (
+        str(tmp_path / "x.json"),
+        str(tmp_path / "x.txt"),
+    )
     assert payload["interpreter"] and payload["torch"] == torch.__version__
     triton_row = next(r for r in payload["rows"] if r["impl"] == "triton")
     assert triton_row["max_rel_err"] < 1e-4 and triton_row["max_rel_err_grad"] < 1e-4
