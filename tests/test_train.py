@@ -151,3 +151,26 @@ def test_split_reports_names_a_missing_index(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="index.json"):
         split_reports(tmp_path, "train")
+
+
+def test_on_error_flag_defaults_to_raise_and_accepts_skip():
+    assert parse_args([]).on_error == "raise"
+    assert parse_args(["--on-error", "skip"]).on_error == "skip"
+    with pytest.raises(SystemExit):
+        parse_args(["--on-error", "ignore"])
+
+
+def test_batches_pass_over_a_batch_whose_samples_were_all_skipped():
+    """Under --on-error skip a micro-batch of only bad samples is empty: it is not trained on."""
+    from hilt_scale.training.loop import Batches, nonempty
+
+    class Loader:
+        epoch = 0
+
+        def __iter__(self):
+            collate = nonempty(lambda b: {**b, "collated": True})
+            yield from (collate({"key": keys}) for keys in (["a"], [], ["b", "c"]))
+
+    batches = Batches(Loader(), trace=True)
+    assert [batches.next()["key"] for _ in range(3)] == [["a"], ["b", "c"], ["a"]]
+    assert batches.seen == ["a", "b", "c", "a"]

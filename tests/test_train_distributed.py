@@ -415,13 +415,14 @@ def test_chaos_kills_during_saves_and_resumes_end_exact(cache, tmp_path):
 
     straight, chaos = tmp_path / "straight", tmp_path / "chaos"
     run(torchrun(straight))
-    rng = random.Random(15)
-    phases = ("write", "trainer", "manifest", "pointer")
+    rng = random.Random(0)  # kills 3:pointer, 4:trainer (the resumed run's first save), 5:write
+    # Three different moments of a save, at seeded steps: the first after a checkpoint exists,
+    # the second in the first save of the resumed run, the third one or two steps later.
+    phases = rng.sample(["write", "trainer", "manifest", "pointer"], 3)
     resumed, kills = 0, []
-    for n in range(3):
-        # The second kill hits the first save of the resumed run; the others a seeded later step.
-        step = resumed + 1 if n == 1 else min(5, resumed + rng.randint(1, 2))
-        kills.append(f"{step}:{rng.choice(phases)}")
+    for n, phase in enumerate(phases):
+        step = rng.randint(2, 3) if n == 0 else resumed + 1 if n == 1 else min(5, resumed + rng.randint(1, 2))
+        kills.append(f"{step}:{phase}")
         proc = run(torchrun(chaos, "--resume"), {"HILT_SCALE_KILL_IN_SAVE": kills[-1]}, check=False)
         assert proc.returncode != 0, (kills, proc.stdout[-2000:])
         pointer = chaos / "checkpoints" / "LATEST"
