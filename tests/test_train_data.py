@@ -122,3 +122,39 @@ def test_own_shards_with_llm_micro_train_their_tokenizer_and_build(tmp_path, sha
     )
     loss = model(batch)
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+@pytest.mark.slow
+def test_a_run_evaluates_on_test_selects_on_valid_and_counts_truncation(tmp_path, shards):
+    """End to end (one process, ~1 min): own shards with a test split and llm-micro; a budget too
+    small for some reports: summary.json records the split and the counted truncation."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    index = json.loads((data / "index.json").read_text())
+    train_shards = [s for s in index["shards"] if s["split"] == "train"]
+    train_shards[-1]["split"] = "test"  # a patient split: train / valid / test
+    (data / "index.json").write_text(json.dumps(index))
+    test_keys = train_shards[-1]["keys"]
+    out = tmp_path / "run"
+    root = Path(__file__).parents[1]
+    flags = ["--data", str(data), "--llm", "llm-micro", "--resolution", "cpu-micro", "--out", str(out)]
+    flags += ["--max-steps", "2", "--micro-batch", "2", "--total-batch", "2", "--eval-every", "1"]
+    flags += ["--eval-limit", "2", "--eval-batch", "2", "--set", "max_length=120", "--no-export"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "hilt_scale/train.py", "--ds", "ds_configs/zero2.json", *flags]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_split"] == "test" and summary["select_split"] == "valid"
+    predicted = [json.loads(line)["key"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(predicted) == sorted(test_keys[:2])
+    lengths = summary["report_lengths"]
+    assert lengths["train_reports"] == 8 and 0 < lengths["truncated"] <= 8
+    assert lengths["max_new_tokens"] == lengths["report_budget"] < lengths["report_tokens_p99"]
+    assert f"{lengths['truncated']} of 8 training reports" in proc.stdout
+    assert json.loads((out / "train_config.json").read_text())["max_new_tokens"] == lengths["max_new_tokens"]
