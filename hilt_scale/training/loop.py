@@ -265,6 +265,7 @@ def run(cfg: TrainConfig) -> dict | None:
 
     def safe_evaluate(split: str | None = None) -> dict | None:
         """Evaluate; a failure is recorded (summary.json) instead of costing the export and summary."""
+        eval_skipped.clear()  # summary.json counts the skips of the last evaluation
         try:
             run_cfg = dataclasses.replace(cfg, eval_split=split) if split else cfg
             return evaluate(engine, run_cfg, eval_path, step, rank, world, eval_skipped)
