@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shards.batch import stack_batch
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
@@ -40,13 +42,19 @@ def nifti_key(path: Path) -> str:
     return name
 
 
-def load_nifti(path: Path, hr_size: tuple[int, int, int]) -> np.ndarray:
-    """One NIfTI preprocessed exactly as ingestion does: uint8 (D, H, W) at ``hr_size``."""
+def load_nifti(
+    path: Path, hr_size: tuple[int, int, int], target_spacing: tuple[float, float, float] | None = None
+) -> np.ndarray:
+    """One NIfTI preprocessed exactly as ingestion does: uint8 (D, H, W) at ``hr_size``.
+
+    ``target_spacing`` (the training shards' ``preprocessing.target_spacing``, e.g. the paper's
+    384 mm field of view) resamples to that spacing and centre-crops/pads; None stretches to the grid.
+    """
     from shards.ingest import Record, load_canonical, preprocess
 
     rec = Record(key=nifti_key(path), path=path, report="", split="", dataset="nifti")
     hu, spacing = load_canonical(rec)
-    arr, _ = preprocess(hu, spacing, tuple(hr_size), "uint8")
+    arr, _ = preprocess(hu, spacing, tuple(hr_size), "uint8", target_spacing)
     return arr
 
 
@@ -56,6 +64,7 @@ def input_batches(
     batch: int,
     split: str,
     failures: list[str] | None = None,
+    target_spacing: tuple[float, float, float] | None = None,
 ) -> Iterator[dict]:
     """Batches {"key", "hr" [B, 1, D, H, W], "report"} from a shard set, a NIfTI file or a NIfTI directory.
 
@@ -90,18 +99,16 @@ def input_batches(
     else:
         raise FileNotFoundError(f"{source} does not exist")
     for i in range(0, len(files), batch):
-        keys, vols = [], []
+        vols = []
         for path in files[i : i + batch]:
             try:
-                vols.append(load_nifti(path, hr_size))
+                vols.append({"key": nifti_key(path), "hr": load_nifti(path, hr_size, target_spacing)})
             except Exception as exc:
                 if failures is None:
                     raise
                 failures.append(f"{path}: {type(exc).__name__}: {exc}")
-                continue
-            keys.append(nifti_key(path))
-        if keys:
-            yield {"key": keys, "hr": torch.from_numpy(np.stack(vols))[:, None], "report": [None] * len(keys)}
+        if vols:
+            yield stack_batch(vols)
 
 
 def generate_reports(
@@ -113,6 +120,7 @@ def generate_reports(
     num_beams: int = 1,
     failures: list[str] | None = None,
     on_records: Callable[[list[dict]], None] | None = None,
+    target_spacing: tuple[float, float, float] | None = None,
 ) -> list[dict]:
     """Records {key, generated[, reference]} for every readable volume of ``source``.
 
@@ -121,7 +129,7 @@ def generate_reports(
     """
     hr_size = tuple(model.cfg.resolution.hr_size)
     records = []
-    for b in input_batches(source, hr_size, batch, split, failures):
+    for b in input_batches(source, hr_size, batch, split, failures, target_spacing):
         texts = model.generate(b["hr"], max_new_tokens=max_new_tokens, num_beams=num_beams)
         made = [
             {"key": key, **({"reference": ref} if ref is not None else {}), "generated": text}
@@ -170,6 +178,8 @@ def load_run(run: str | Path) -> tuple[Any, dict]:
     model.eval()
     train_cfg_path = export / "train_config.json"
     train_cfg = json.loads(train_cfg_path.read_text()) if train_cfg_path.exists() else {}
+    prep_path = export / "preprocessing.json"  # the training shards' preprocessing (absent: stretch)
+    train_cfg["preprocessing"] = json.loads(prep_path.read_text()) if prep_path.exists() else {}
     return model, train_cfg
 
 
@@ -200,7 +210,11 @@ def main(argv: list[str] | None = None) -> None:
 
     failures: list[str] = []
     try:
-        records = generate_reports(model, args.input, args.batch, args.split, max_new, beams, failures, keep)
+        spacing = train_cfg["preprocessing"].get("target_spacing")
+        records = generate_reports(
+            model, args.input, args.batch, args.split, max_new, beams, failures, keep,
+            tuple(spacing) if spacing else None,
+        )  # fmt: skip
     finally:
         jsonl.close()
         txt.close()

@@ -100,6 +100,9 @@ def check_two_rank_run(out: Path) -> dict:
     assert any(tag.glob("*optim_states.pt"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
+    if (out / "export").exists():  # generate preprocesses raw NIfTI as these shards were written
+        prep = json.loads((out / "export" / "preprocessing.json").read_text())
+        assert prep["resample"] == "stretch" and prep["target_spacing"] is None
     return summary
 
 

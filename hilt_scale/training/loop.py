@@ -7,6 +7,7 @@ every K, evaluate every E; at the end checkpoint, evaluate, export, summarise.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections import Counter
@@ -304,7 +305,10 @@ def run(cfg: TrainConfig) -> dict | None:
         write_json_atomic(out / f"keys.rank{rank}.json", batches.seen)
     scores = safe_evaluate() if cfg.eval else None
     if cfg.export:
-        checkpoint.export(engine, out / "export", {"train_config.json": dataclasses.asdict(cfg)})
+        # generate preprocesses raw NIfTI exactly as the training shards were (field of view, spacing).
+        preprocessing = json.loads((Path(data_path) / "index.json").read_text()).get("preprocessing", {})
+        files = {"train_config.json": dataclasses.asdict(cfg), "preprocessing.json": preprocessing}
+        checkpoint.export(engine, out / "export", files)
     skipped = {"train": _sum_counts(loader.skipped), "eval": _sum_counts(eval_skipped)}
     if rank != 0:
         return None
