@@ -61,8 +61,9 @@ def study_results(rows: list[dict], baseline: dict | None = None) -> dict[str, A
             row["axes"].get("connector", row["group"]),
             {"visual_tokens": row.get("visual_tokens"), "seeds": [], "failed_seeds": [], "values": {}},
         )
-        if row["status"] != "done":
+        if row["status"] == "failed":
             v["failed_seeds"].append(row["seed"])
+        if row["status"] != "done":
             continue
         v["seeds"].append(row["seed"])
         v["visual_tokens"] = row.get("visual_tokens")
@@ -145,7 +146,9 @@ def plot_study(results: dict, path: str) -> None:
     b = results.get("constant_report")
     if b:
         ax.axhline(b["f1_hr_only"], color="grey", ls=":", lw=1, label="constant report (HR-only)")
+    xs = [v["visual_tokens"] or 1 for v in results["variants"].values()] or [1]
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
     ax.set_xlabel("visual tokens given to the LLM")
     ax.set_ylabel("finding F1 (filled: HR-only, hollow: LR-visible)")
     ax.set_title("Phantom: what HR and LR queries buy (mean ± std over seeds)")
