@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--plan", action="store_true", help="print the plan (Markdown + JSON), run nothing")
     mode.add_argument("--run", action="store_true", help="run (or resume) the sweep")
+    mode.add_argument(
+        "--collect", action="store_true", help="only write the table/figure from the runs finished so far"
+    )
     p.add_argument("--out", type=Path, help="sweep directory (default runs/sweep-EXPERIMENT-SCALE)")
     p.add_argument("--quick", action="store_true", help="hr-study: hilt, lr-only and random-queries only")
     for name in PASS_FLAGS:
@@ -126,7 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     phantom = None
     if scale == "cpu" and args.data is None:
         phantom = {"n": args.phantom_n, "seed": args.phantom_seed}
-    rows = execute.run_sweep(specs, out, args.run_timeout, phantom=phantom)
+    if args.collect:
+        rows = execute.present(specs, out, phantom)
+    else:
+        rows = execute.run_sweep(specs, out, args.run_timeout, phantom=phantom)
     rows = execute.collect(rows, out, phantom is not None or exp == "hr-study")
     result = execute.write_outputs(rows, out, exp, title)
     print(f"\n# {title}\n\n{result['table']}\n")

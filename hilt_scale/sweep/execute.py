@@ -128,6 +128,22 @@ def run_sweep(
     return rows
 
 
+def present(specs: list[RunSpec], out: Path, phantom: dict | None) -> list[dict]:
+    """Status rows from what is on disk, running nothing (``--collect`` while a sweep runs)."""
+    if phantom is not None:
+        data = sorted((out / "data").glob("shards-*"))
+        for s in specs:
+            match = [d for d in data if d.name == f"shards-{_hr_size_of(s)}"]
+            if match:
+                s.flags["data"] = str(match[0])
+    rows = []
+    for s in specs:
+        done = (out / "runs" / s.name / "summary.json").exists()
+        status = "done" if done else ("pending" if s.pending else "not run")
+        rows.append({"run": s.name, "group": s.group, "axes": s.axes, "seed": s.seed, "status": status})
+    return rows
+
+
 def collect(rows: list[dict], out: Path, phantom: bool) -> list[dict]:
     """Add each done run's table fields (scoring.run_row: the compare logic) and scores."""
     from hilt_scale.evaluation.scoring import run_row
@@ -200,6 +216,8 @@ def table_markdown(groups: list[dict]) -> str:
             status = "failed: " + ", ".join(g["failed"])
         elif g["pending"]:
             status = "pending: " + g["pending"]
+        elif g.get("not_run"):
+            status = f"seeds {g['not_run']} not run yet"
         cells.append(status)
         lines.append("| " + " | ".join("n/a" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
