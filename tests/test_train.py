@@ -174,3 +174,12 @@ def test_batches_pass_over_a_batch_whose_samples_were_all_skipped():
     batches = Batches(Loader(), trace=True)
     assert [batches.next()["key"] for _ in range(3)] == [["a"], ["b", "c"], ["a"]]
     assert batches.seen == ["a", "b", "c", "a"]
+
+
+def test_phantom_cache_entry_changes_with_the_generator_version(monkeypatch):
+    from hilt_scale.training.data import cache_entry
+
+    before = cache_entry(Path("/c"), 240, (32, 64, 64), 0)
+    monkeypatch.setattr("shards.phantom.PHANTOM_VERSION", 99)
+    after = cache_entry(Path("/c"), 240, (32, 64, 64), 0)
+    assert before != after and "v99" in after.name

@@ -21,7 +21,7 @@ from shards.io import read_jsonl, write_json_atomic, write_text_atomic
 def prepare_phantom(out: Path, n: int, sizes: list[str], seed: int, log=print) -> tuple[dict[str, str], str]:
     """One phantom (CT-RATE layout) for the whole sweep at the largest HR size, shards per HR size,
     one tokenizer: {hr size: shard set}, tokenizer dir. Built once; a finished part is reused."""
-    from hilt_scale.training.data import SAMPLES_PER_SHARD, split_reports, train_tokenizer_dir
+    from hilt_scale.training.data import SAMPLES_PER_SHARD, cache_entry, split_reports, train_tokenizer_dir
     from shards.phantom import generate_phantom
     from shards.schema import parse_size
     from shards.write import write_shards
@@ -29,7 +29,7 @@ def prepare_phantom(out: Path, n: int, sizes: list[str], seed: int, log=print) -
     data = out / "data"
     parsed = {s: parse_size(s) for s in sizes}
     native = tuple(max(p[i] for p in parsed.values()) for i in range(3))
-    raw = data / f"phantom-n{n}-{'x'.join(map(str, native))}-seed{seed}"
+    raw = cache_entry(data, n, native, seed)
     if not (raw / "done").exists():
         log(f"phantom: {n} volumes at {native}, seed {seed} -> {raw}")
         generate_phantom(raw, n, native, seed=seed, workers=min(2, os.cpu_count() or 1))

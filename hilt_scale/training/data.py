@@ -29,8 +29,11 @@ TOKENIZER_VOCAB = 2048
 
 
 def cache_entry(cache: Path, n: int, size: tuple[int, int, int], seed: int) -> Path:
-    """Directory of one phantom build, named by everything that changes its content."""
-    return cache / f"phantom-n{n}-{size[0]}x{size[1]}x{size[2]}-seed{seed}"
+    """Directory of one phantom build, named by everything that changes its content (including the
+    generator's version, so a cache built by an older phantom is never reused silently)."""
+    from shards.phantom import PHANTOM_VERSION
+
+    return cache / f"phantom-v{PHANTOM_VERSION}-n{n}-{size[0]}x{size[1]}x{size[2]}-seed{seed}"
 
 
 def split_reports(path: str | Path, split: str) -> list[str]:
