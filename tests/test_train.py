@@ -133,7 +133,12 @@ def small_shards(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_eval_batches_deal_each_volume_once_with_equal_counts_per_rank(small_shards, world):
-    from hilt_scale.training.data import eval_batches, split_reports
+    from hilt_scale.training.data import split_reports
+    from hilt_scale.training.loop import eval_inputs
+
+    def eval_batches(path, split, limit, batch, rank, world):
+        cfg = TrainConfig(eval_split=split, eval_limit=limit, eval_batch=batch)
+        return eval_inputs(path, cfg, rank, world)
 
     per_rank = [list(eval_batches(small_shards, "valid", 3, 1, r, world)) for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1  # ZeRO-3 needs the same number of generate calls

@@ -15,7 +15,7 @@ import shutil
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,23 +127,6 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, local_rank: int
         train_tokenizer_dir(split_reports(data, "train"), tokenizer_dir)
     barrier()
     return data, str(tokenizer_dir)
-
-
-def eval_batches(path: str, split: str, limit: int, batch: int, rank: int, world: int) -> Iterator[Any]:
-    """This rank's eval batches: the first ``limit`` volumes of the split (0 = all) dealt round-robin.
-
-    Every rank yields the same number of items (ZeRO-3 needs equal forward counts); a rank with
-    no volumes left yields None. Volumes are read one batch at a time, never all at once.
-    """
-    from shards.batch import stack_batch
-    from shards.read import ShardSet
-
-    shard_set = ShardSet(path)
-    entries = shard_set.entries(split)[: limit or None]
-    mine = entries[rank::world]
-    for i in range(math.ceil(math.ceil(len(entries) / world) / batch)):
-        samples = [shard_set.read(*e) for e in mine[i * batch : (i + 1) * batch]]
-        yield stack_batch(samples) if samples else None
 
 
 def constant_report(reports: list[str]) -> str:

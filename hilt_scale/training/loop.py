@@ -54,9 +54,11 @@ def build_run_model(cfg: TrainConfig, mcfg: ModelConfig, tokenizer_dir: str | No
 def eval_inputs(
     path: str, cfg: TrainConfig, rank: int, world: int, skipped: Counter | None = None
 ) -> Iterator[Any]:
-    """``data.eval_batches`` under the run's ``--on-error`` policy.
+    """This rank's eval batches: the first ``eval_limit`` volumes of the split (0 = all) dealt
+    round-robin, read one batch at a time. Every rank yields the same number of items (ZeRO-3
+    needs equal forward counts); a rank with no volumes left yields None.
 
-    ``skip``: a volume that cannot be read is left out and counted in ``skipped`` by reason; the
+    ``--on-error skip``: a volume that cannot be read is left out and counted in ``skipped`` by reason; the
     good volumes of its batch are kept. ``raise``: every rank raises the first bad volume's error
     together (one small collective per batch), so no rank is left waiting in a collective.
     """
@@ -174,20 +176,6 @@ def train_step(engine: Any, batches: Batches, accum: int) -> float:
     return total.item() / dist.get_world_size()
 
 
-# Config fields that must match between the checkpoint's run and a resuming one.
-RESUME_KEYS = (
-    "micro_batch",
-    "total_batch",
-    "vision",
-    "connector",
-    "llm",
-    "resolution",
-    "set",
-    "seed",
-    "data",
-)
-
-
 def run(cfg: TrainConfig) -> dict | None:
     """Train, evaluate, export; return the summary on rank 0."""
     t_start = time.perf_counter()
@@ -237,11 +225,7 @@ def run(cfg: TrainConfig) -> dict | None:
     loaded = checkpoint.load(engine, ckpt_dir, identity, log=say) if cfg.resume else None
     saved_step = None  # the step of the checkpoint on disk: never saved again (no rewrite in place)
     if loaded is not None:
-        client, trainer = loaded
-        before = client["config"]
-        changed = [k for k in RESUME_KEYS if before.get(k) != dataclasses.asdict(cfg).get(k)]
-        if changed or client["world"] != world:
-            raise ValueError(f"{ckpt_dir}: cannot resume with changed {changed or ['world size']}")
+        client, trainer = loaded  # checkpoint.load already refused a changed run identity
         step = saved_step = client["step"]
         loader.load_state_dict(trainer["loader"])
         loader.skipped.update(trainer.get("skipped", {}))
