@@ -17,12 +17,12 @@ def stack_batch(samples: Sequence[dict], hr_size: Sequence[int] | None = None, d
 
     ``hr_size`` and ``dtype`` give the shape of an empty batch (all samples skipped).
     """
-    vols = []
-    for s in samples:
-        hr = s["hr"] if torch.is_tensor(s["hr"]) else torch.from_numpy(np.ascontiguousarray(s["hr"]))
-        vols.append(hr[0] if hr.dim() == 4 else hr)
-    if vols:
-        hr = torch.stack(vols)[:, None]
+    vols = [s["hr"] for s in samples]
+    vols = [v[0] if v.ndim == 4 else v for v in vols]  # [1, D, H, W] -> [D, H, W]
+    if vols and all(isinstance(v, np.ndarray) for v in vols):
+        hr = torch.from_numpy(np.stack(vols))[:, None]  # one copy; also makes read-only buffers writable
+    elif vols:
+        hr = torch.stack([torch.as_tensor(v) for v in vols])[:, None]
     elif hr_size is not None:
         hr = torch.empty((0, 1, *hr_size), dtype=getattr(torch, dtype))
     else:
