@@ -12,11 +12,12 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from hilt_scale.evaluation.labeler import prf
 from shards.phantom_report import HR_ONLY_KINDS, KINDS, LR_VISIBLE_KINDS, read_findings
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return prf(tp, fp, fn)["f1"]
 
 
 def group_f1(records: Sequence[dict]) -> dict[str, Any]:
