@@ -104,8 +104,9 @@ class RandomQueryConnector(QueryAttentionConnector):
         return self.queries.expand(z_hr.shape[0], -1, -1).to(z_hr.dtype)
 
 
-class AllTokensConnector(nn.Module):
-    """Every HR token through the projector: the LLM sequence grows with the HR volume."""
+class TokenProjector(nn.Module):
+    """Shared base of the connectors without attention: the tokens of one ViT pass (HR by default,
+    LR when ``needs_lr``) through the projector, after the subclass's optional reduction."""
 
     needs_hr = True
     needs_lr = False
@@ -113,57 +114,45 @@ class AllTokensConnector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
         self.projector = make_projector(cfg, vision_width, llm_width)
+
+    def tokens(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        return z_hr if self.needs_hr else z_lr
+
+    def forward(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+        return self.projector(self.tokens(z_hr, z_lr, hr_grid))
+
+
+class AllTokensConnector(TokenProjector):
+    """Every HR token through the projector: the LLM sequence grows with the HR volume."""
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """One per HR token."""
         return _count(hr_grid)
 
-    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
-        return self.projector(z_hr)
+
+class Flat2DConnector(AllTokensConnector):
+    """Projects the 2D-patch tokens of the HR volume (the ViT's patch spans all D slices, so its
+    token grid is (1, H / patch_2d, W / patch_2d)); one token per 2D patch."""
 
 
-class PooledConnector(nn.Module):
+class PooledConnector(TokenProjector):
     """Adaptive average pooling of HR tokens on their (D, H, W) grid, then the projector."""
 
-    needs_hr = True
-    needs_lr = False
-
     def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
-        super().__init__()
+        super().__init__(cfg, vision_width, llm_width)
         self.pool_grid = tuple(cfg.pool_grid)
-        self.projector = make_projector(cfg, vision_width, llm_width)
 
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """The fixed pooled grid's size."""
         return _count(self.pool_grid)
 
-    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
+    def tokens(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
         b, n, c = z_hr.shape
         x = z_hr.transpose(1, 2).reshape(b, c, *hr_grid)
-        x = F.adaptive_avg_pool3d(x, self.pool_grid).flatten(2).transpose(1, 2)
-        return self.projector(x)
+        return F.adaptive_avg_pool3d(x, self.pool_grid).flatten(2).transpose(1, 2)
 
 
-class Flat2DConnector(nn.Module):
-    """Projects the 2D-patch tokens of the HR volume (the ViT's patch spans all D slices, so its
-    token grid is (1, H / patch_2d, W / patch_2d))."""
-
-    needs_hr = True
-    needs_lr = False
-
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
-        super().__init__()
-        self.projector = make_projector(cfg, vision_width, llm_width)
-
-    def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
-        """One per 2D patch of the HR volume."""
-        return _count(hr_grid)
-
-    def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
-        return self.projector(z_hr)
-
-
-class LROnlyConnector(nn.Module):
+class LROnlyConnector(TokenProjector):
     """The same 3D ViT on the LR view only, its tokens through the projector: ``Z = F(Z_LR)``.
 
     HILT without the HR attention (``Z = F(Z_LR + attn(Z_LR, Z_HR))``), so the two differ only by
@@ -173,16 +162,9 @@ class LROnlyConnector(nn.Module):
     needs_hr = False
     needs_lr = True
 
-    def __init__(self, cfg: ConnectorConfig, vision_width: int, llm_width: int) -> None:
-        super().__init__()
-        self.projector = make_projector(cfg, vision_width, llm_width)
-
     def num_tokens(self, hr_grid: Size3, lr_grid: Size3) -> int:
         """One per LR token, like HILT."""
         return _count(lr_grid)
-
-    def forward(self, z_hr: torch.Tensor | None, z_lr: torch.Tensor, hr_grid: Size3) -> torch.Tensor:
-        return self.projector(z_lr)
 
 
 CONNECTORS: dict[str, type[nn.Module]] = {
