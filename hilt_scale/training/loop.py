@@ -295,43 +295,58 @@ def run(cfg: TrainConfig) -> dict | None:
         checkpoint.export(engine, out / "export", files)
     skipped = {"train": _sum_counts(loader.skipped), "eval": _sum_counts(eval_skipped)}
     if rank != 0:
+        _leave_together()
         return None
-    baseline = None
-    if scores is not None:
-        log.eval(step, scores)
-        baseline = baseline_scores(data_path, cfg)
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
-    mcfg = model.cfg
-    summary = {
-        # The paper-table columns that `python -m hilt_scale.score --compare` reads.
-        "method": mcfg.connector.kind,
-        "hr_size": list(mcfg.resolution.hr_size),
-        "visual_tokens": model.num_visual_tokens,
-        "llm": mcfg.llm.name,
-        "steps": step,
-        "world_size": world,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-        "final": scores,
-        "baseline_constant_report": baseline,
-        "data": data_path,
-        "eval_data": eval_path,
-        "eval_split": cfg.eval_split,
-        "select_split": select_split,
-        "report_lengths": lengths,  # model tokens vs the sequence budget; truncated training reports
-        "on_error": cfg.on_error,
-        "skipped": skipped,  # samples left out under --on-error skip, by reason
-        "eval_errors": eval_errors,
-    }
-    write_json_atomic(out / "summary.json", summary)
-    if scores is not None:
-        title = f"{Path(eval_path).name}:{cfg.eval_split}, {scores['n']} volumes, step {step}"
-        log.console.print(score_table({"model": scores, "constant report": baseline}, title))
-    log.console.print(f"run directory: {out}  (wall time {summary['wall_s']:.0f} s)")
-    if eval_errors:
-        raise SystemExit(
-            f"evaluation failed ({'; '.join(eval_errors)}); export and {out / 'summary.json'} were written"
-        )
-    return summary
+    try:
+        baseline = None
+        if scores is not None:
+            log.eval(step, scores)
+            baseline = baseline_scores(data_path, cfg)
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        mcfg = model.cfg
+        summary = {
+            # The paper-table columns that `python -m hilt_scale.score --compare` reads.
+            "method": mcfg.connector.kind,
+            "hr_size": list(mcfg.resolution.hr_size),
+            "visual_tokens": model.num_visual_tokens,
+            "llm": mcfg.llm.name,
+            "steps": step,
+            "world_size": world,
+            "wall_s": round(time.perf_counter() - t_start, 1),
+            "final": scores,
+            "baseline_constant_report": baseline,
+            "data": data_path,
+            "eval_data": eval_path,
+            "eval_split": cfg.eval_split,
+            "select_split": select_split,
+            "report_lengths": lengths,  # model tokens vs the sequence budget; truncated training reports
+            "on_error": cfg.on_error,
+            "skipped": skipped,  # samples left out under --on-error skip, by reason
+            "eval_errors": eval_errors,
+        }
+        write_json_atomic(out / "summary.json", summary)
+        if scores is not None:
+            title = f"{Path(eval_path).name}:{cfg.eval_split}, {scores['n']} volumes, step {step}"
+            log.console.print(score_table({"model": scores, "constant report": baseline}, title))
+        log.console.print(f"run directory: {out}  (wall time {summary['wall_s']:.0f} s)")
+        if eval_errors:
+            raise SystemExit(
+                f"evaluation failed ({'; '.join(eval_errors)}); export and {out / 'summary.json'} were written"
+            )
+        return summary
+    finally:
+        _leave_together()
+
+
+def _leave_together() -> None:
+    """All ranks leave the run together and close the process group: a rank that exited while
+    rank 0 was still writing the summary could abort in the communication backend's teardown
+    ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sum_counts(counts: Counter) -> dict[str, int]:
