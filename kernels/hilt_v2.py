@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.hilt_v1 import COMBINE_BLOCK_M, LOG2E, SUPPORTED_DTYPES, _check, _fwd_combine_kernel
 from kernels.launch import (
     MAX_CHUNKS,
     FusedConfig,
@@ -41,6 +40,7 @@ from kernels.launch import (
     same_data,
     split_keys,
 )
+from kernels.split_combine import COMBINE_BLOCK_M, LOG2E, SUPPORTED_DTYPES, _fwd_combine_kernel, check_inputs
 
 __all__ = ["hilt_attention", "SUPPORTED_DTYPES"]
 
@@ -240,7 +240,7 @@ def hilt_attention(
     ``scale=None`` means 1/sqrt(d). ``k is v`` reads K once and gives it one gradient. Heads wider
     than 1024 (more than 4 chunks of 256) go to v1.
     """
-    _check(q, k, v)
+    check_inputs(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     d = q.shape[-1]

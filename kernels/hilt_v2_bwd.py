@@ -44,8 +44,7 @@ from kernels.launch import (
     same_data,
     split_keys,
 )
-
-LOG2E = 1.4426950408889634
+from kernels.split_combine import LOG2E
 
 
 def _bwd_kernel(
