@@ -435,19 +435,6 @@ def read_csv_rows(
     return rows, bad
 
 
-def ct_rate_records(
-    root: str | Path,
-    on_error: str = "raise",
-    report_field: str = "findings",
-    split: str = "patient",
-    seed: int = 0,
-) -> tuple[list[Record], Summary]:
-    """Records of a CT-RATE tree (see shards.ctrate): pooled, one reconstruction per scan, patient split."""
-    from shards.ctrate import ct_rate_records as records_of
-
-    return records_of(root, on_error, report_field, split, seed)
-
-
 def _manifest_key(row: dict) -> str:
     """The key of a manifest row: its id, else the file name without .nii/.nii.gz (sanitised)."""
     if (row.get("id") or "").strip():
@@ -582,6 +569,8 @@ def source_records(
     if source.is_file() and source.suffix == ".csv":
         records, summary = manifest_records(source, on_error, seed)
     elif (source / "radiology_text_reports").is_dir():
+        from shards.ctrate import ct_rate_records  # shards.ctrate imports this module
+
         records, summary = ct_rate_records(source, on_error, report_field, split, seed)
     elif source.is_dir():
         records, summary = nifti_dir_records(source, on_error, seed)
