@@ -196,7 +196,8 @@ def run(cfg: TrainConfig) -> dict | None:
     seed_everything(cfg.seed)
     model = build_run_model(cfg, mcfg, tokenizer_dir)
     # Generation length from the data, checked against the sequence budget (truncation counted).
-    lengths = length_plan(split_reports(data_path, "train"), model.collator(), cfg.max_new_tokens)
+    train_reports = split_reports(data_path, "train")  # read once: lengths now, the baseline at the end
+    lengths = length_plan(train_reports, model.collator(), cfg.max_new_tokens)
     cfg = dataclasses.replace(cfg, eval_split=final_split, max_new_tokens=lengths["max_new_tokens"])
     for warning in lengths["warnings"] if rank == 0 else []:
         print(f"warning: {warning}")
@@ -301,7 +302,7 @@ def run(cfg: TrainConfig) -> dict | None:
         baseline = None
         if scores is not None:
             log.eval(step, scores)
-            baseline = baseline_scores(data_path, cfg)
+            baseline = baseline_scores(train_reports, cfg)
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         mcfg = model.cfg
         summary = {
@@ -361,11 +362,11 @@ def _sum_counts(counts: Counter) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
-def baseline_scores(data_path: str, cfg: TrainConfig) -> dict:
+def baseline_scores(train_reports: list[str], cfg: TrainConfig) -> dict:
     """Scores of always answering the most frequent training report, on the same eval records."""
     from hilt_scale.evaluation.scoring import evaluate_records
     from shards.io import read_jsonl
 
-    report = constant_report(split_reports(data_path, "train"))
+    report = constant_report(train_reports)
     records = read_jsonl(Path(cfg.out) / "predictions.jsonl")
     return evaluate_records([{**r, "generated": report} for r in records])
