@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hilt_scale.training.distributed import barrier
+from hilt_scale.training.distributed import barrier, first_error
 from shards.io import atomic_write, write_json_atomic, write_text_atomic
 
 POINTER = "LATEST"
@@ -107,15 +107,6 @@ def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def first_error(err: str | None) -> str | None:
-    """Collective: the first rank's error message, or None when every rank succeeded."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return err
-    errors: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, err)
-    return next((e for e in errors if e), None)
 
 
 # ---- loading without unpickling code ----

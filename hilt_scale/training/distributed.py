@@ -63,6 +63,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def first_error(err: str | None) -> str | None:
+    """Collective: the first rank's error message, or None when every rank succeeded."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return err
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, err)
+    return next((e for e in errors if e), None)
+
+
 def fill_ds_config(path: str | Path, values: dict[str, Any]) -> dict[str, Any]:
     """Load a DeepSpeed JSON and replace every "auto" by ``values[key]``; unknown "auto" keys fail."""
     path = Path(path)

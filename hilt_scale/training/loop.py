@@ -28,6 +28,7 @@ from hilt_scale.training.data import (
     split_reports,
 )
 from hilt_scale.training.distributed import (
+    barrier,
     ds_values,
     fill_ds_config,
     grad_accum,
@@ -62,7 +63,7 @@ def eval_inputs(
     good volumes of its batch are kept. ``raise``: every rank raises the first bad volume's error
     together (one small collective per batch), so no rank is left waiting in a collective.
     """
-    from hilt_scale.training.checkpoint import first_error
+    from hilt_scale.training.distributed import first_error
     from shards.batch import stack_batch
     from shards.ingest import DataError
     from shards.read import ShardSet
@@ -345,8 +346,8 @@ def _leave_together() -> None:
     ("terminate called without an active exception")."""
     import torch.distributed as dist
 
+    barrier()
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
