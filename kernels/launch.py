@@ -40,30 +40,43 @@ def _compiled(fn, interpret: bool):
     return triton.jit(fn)
 
 
+def _patched_by_interpreter() -> list[object]:
+    """The triton.language modules and classes whose attributes the interpreter replaces."""
+    core = tl.core
+    objs = [tl, tl.standard, tl.math, core, core.tensor, core.dtype, core.tensor_descriptor_base]
+    return objs + [c for c in (getattr(core, "condition", None),) if c is not None]
+
+
 @contextlib.contextmanager
 def _interpretable_stdlib():
-    """Let the interpreter call tl.max / tl.sum / tl.zeros even if triton was imported earlier.
+    """Let the interpreter call tl.max / tl.sum / tl.zeros even if triton was imported earlier,
+    and leave triton.language as it found it.
 
     Triton wraps its own library functions at import time; when something (peft, bitsandbytes,
     torch._dynamo) imported triton before TRITON_INTERPRET was set, those are compiled-mode
     objects that the interpreter refuses to call. For the launch, swap in interpreted twins.
+    The interpreter itself patches triton.language for a launch and restores it, except for a
+    ``@triton.jit`` function called from a kernel, whose patch it never undoes (triton 3.x,
+    ``InterpretedFunction.__call__``); left in place, a later compile in the same process fails
+    ("'value' object has no attribute 'dtype'"). Every attribute changed during the launch is
+    put back (names it added, globals of its rewritten functions, stay).
     """
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    saved = [
-        (mod, name, val)
-        for mod in (tl, tl.standard, tl.math)
-        for name, val in list(vars(mod).items())
-        if isinstance(val, JITFunction)
-    ]
-    for mod, name, val in saved:
-        setattr(mod, name, InterpretedFunction(val.fn))
+    before = {id(obj): (obj, dict(vars(obj))) for obj in _patched_by_interpreter()}
+    for mod in (tl, tl.standard, tl.math):
+        for name, val in list(vars(mod).items()):
+            if isinstance(val, JITFunction):
+                setattr(mod, name, InterpretedFunction(val.fn))
     try:
         yield
     finally:
-        for mod, name, val in saved:
-            setattr(mod, name, val)
+        for obj, saved in before.values():
+            for name, val in list(vars(obj).items()):
+                # Names the interpreter adds (its rewritten functions' globals) stay.
+                if name in saved and saved[name] is not val:
+                    setattr(obj, name, saved[name])
 
 
 def launch(fn, grid: tuple[int, ...], *args, **kwargs) -> None:

@@ -287,6 +287,27 @@ def test_bf16_on_gpu(shape_q, n, kv_same, scale, impl):
     check_against_reference(q, k, v, scale, TOL[torch.bfloat16], impl=impl)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's leftover patches; CPU only")
+@pytest.mark.parametrize("impl", ["v2", "v1"])
+def test_interpreter_leaves_triton_language_as_found(impl):
+    """A kernel that calls a @triton.jit helper left triton.language patched by the interpreter
+    (a later compile in the process then failed); after a launch, forward and backward, every
+    attribute is the object it was before."""
+    import triton.language as tl
+
+    objs = [tl, tl.standard, tl.math, tl.core, tl.core.tensor, tl.core.dtype, tl.core.tensor_descriptor_base]
+    before = [(obj, dict(vars(obj))) for obj in objs]
+    q, k, v = make_inputs((2, 5, 40), 70, torch.float32, False, seed=3)
+    kernels.hilt_attention(q, k, v, impl=impl).sum().backward()
+    changed = [
+        f"{getattr(obj, '__name__', obj)}.{name}"
+        for obj, saved in before
+        for name, val in saved.items()
+        if vars(obj).get(name) is not val
+    ]
+    assert not changed, changed[:10]
+
+
 @pytest.mark.slow
 def test_interpreter_works_when_triton_was_imported_first(tmp_path):
     """peft / bitsandbytes import triton before tests set TRITON_INTERPRET; kernels must still run."""
