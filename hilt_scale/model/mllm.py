@@ -272,6 +272,32 @@ def to_unit_range(hr: torch.Tensor) -> torch.Tensor:
     return hr.float()
 
 
+def encode_volumes(vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor) -> torch.Tensor:
+    """The visual path alone: [B, 1, D, H, W] (or [B, D, H, W]) volumes -> the connector's tokens.
+
+    The LR view is the HR volume resized (trilinear) to ``lr_size``; which ViT passes run depends
+    on the connector (``needs_hr`` / ``needs_lr``). Used by the model and the vision probe.
+    """
+    device = vision.patch_embed.weight.device
+    if hr.dim() == 4:
+        hr = hr.unsqueeze(1)
+    if hr.dim() != 5 or hr.shape[1] != 1:
+        raise ValueError(f"hr must be [B, 1, D, H, W] (or [B, D, H, W]), got shape {tuple(hr.shape)}")
+    # Centre to [-1, 1]: the ViT's LayerNorms remove a token's scale, so with inputs in [0, 1] a
+    # dark (air, lung) and a bright (fluid, tissue) uniform patch look alike; centred, they
+    # point opposite ways. Measured on the phantom: a linear probe on the ViT learns the
+    # findings with centred input and stays at the majority class with [0, 1] input.
+    x = to_unit_range(hr.to(device, non_blocking=True)) * 2.0 - 1.0
+    z_hr = z_lr = None
+    hr_grid = vision.grid_of(x.shape[-3:]) if connector.needs_hr else (0, 0, 0)
+    if connector.needs_lr:
+        lr = F.interpolate(x, size=tuple(lr_size), mode="trilinear", align_corners=False)
+        z_lr = vision(lr)
+    if connector.needs_hr:
+        z_hr = vision(x)
+    return connector(z_hr, z_lr, hr_grid)
+
+
 class HiltReportModel(nn.Module):
     """Vision encoder + connector + causal LM; ``forward(batch) -> loss``, ``generate(hr) -> texts``."""
 
@@ -301,26 +327,7 @@ class HiltReportModel(nn.Module):
 
     def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
         """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
-        device = self.vision.patch_embed.weight.device
-        if hr.dim() == 4:
-            hr = hr.unsqueeze(1)
-        if hr.dim() != 5 or hr.shape[1] != 1:
-            raise ValueError(f"hr must be [B, 1, D, H, W] (or [B, D, H, W]), got shape {tuple(hr.shape)}")
-        # Centre to [-1, 1]: the ViT's LayerNorms remove a token's scale, so with inputs in [0, 1] a
-        # dark (air, lung) and a bright (fluid, tissue) uniform patch look alike; centred, they
-        # point opposite ways. Measured on the phantom: a linear probe on the ViT learns the
-        # findings with centred input and stays at the majority class with [0, 1] input.
-        x = to_unit_range(hr.to(device, non_blocking=True)) * 2.0 - 1.0
-        z_hr = z_lr = None
-        hr_grid = self.vision.grid_of(x.shape[-3:]) if self.connector.needs_hr else (0, 0, 0)
-        if self.connector.needs_lr:
-            lr = F.interpolate(
-                x, size=tuple(self.cfg.resolution.lr_size), mode="trilinear", align_corners=False
-            )
-            z_lr = self.vision(lr)
-        if self.connector.needs_hr:
-            z_hr = self.vision(x)
-        tokens = self.connector(z_hr, z_lr, hr_grid)
+        tokens = encode_volumes(self.vision, self.connector, self.cfg.resolution.lr_size, hr)
         return tokens.to(self.llm.get_input_embeddings().weight.dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -18,29 +18,58 @@ from hilt_scale.sweep.study import group_f1, mean_std
 from shards.io import read_jsonl, write_json_atomic, write_text_atomic
 
 
+def _phantom_raw(
+    data: Path, n: int, size: tuple[int, int, int], seed: int, valid_fraction: float, log
+) -> Path:
+    """The phantom volumes (CT-RATE layout) under ``data``, generated once (a ``done`` marker)."""
+    from hilt_scale.training.data import cache_entry
+    from shards.phantom import generate_phantom
+
+    raw = cache_entry(data, n, size, seed)
+    if valid_fraction != 0.2:
+        raw = raw.with_name(f"{raw.name}-valid{valid_fraction:g}")
+    if not (raw / "done").exists():
+        log(f"phantom: {n} volumes at {size}, seed {seed} -> {raw}")
+        generate_phantom(raw, n, size, seed, valid_fraction, workers=min(2, os.cpu_count() or 1))
+        write_text_atomic(raw / "done", "")
+    return raw
+
+
+def _shards(raw: Path, path: Path, size: tuple[int, int, int], log) -> str:
+    from hilt_scale.training.data import SAMPLES_PER_SHARD
+    from shards.write import write_shards
+
+    if not (path / "index.json").exists():
+        log(f"shards at {size} -> {path}")
+        write_shards(raw, path, hr_size=size, samples_per_shard=SAMPLES_PER_SHARD, progress=False)
+    return str(path)
+
+
+def build_phantom_shards(
+    out: Path, n: int, size: str, seed: int, valid_fraction: float = 0.2, log=print
+) -> str:
+    """One phantom of ``n`` volumes at HR ``size`` (DxHxW) and its shard set under ``out/data``
+    (named by n, size, seed and validation fraction); a finished part is reused."""
+    from shards.schema import parse_size
+
+    raw = _phantom_raw(out / "data", n, parse_size(size), seed, valid_fraction, log)
+    return _shards(raw, raw.with_name(f"shards-{raw.name}"), parse_size(size), log)
+
+
 def prepare_phantom(out: Path, n: int, sizes: list[str], seed: int, log=print) -> tuple[dict[str, str], str]:
     """One phantom (CT-RATE layout) for the whole sweep at the largest HR size, shards per HR size,
     one tokenizer: {hr size: shard set}, tokenizer dir. Built once; a finished part is reused."""
-    from hilt_scale.training.data import SAMPLES_PER_SHARD, cache_entry, split_reports, train_tokenizer_dir
-    from shards.phantom import generate_phantom
+    from hilt_scale.training.data import split_reports, train_tokenizer_dir
     from shards.schema import parse_size
-    from shards.write import write_shards
 
     data = out / "data"
     parsed = {s: parse_size(s) for s in sizes}
     native = tuple(max(p[i] for p in parsed.values()) for i in range(3))
-    raw = cache_entry(data, n, native, seed)
-    if not (raw / "done").exists():
-        log(f"phantom: {n} volumes at {native}, seed {seed} -> {raw}")
-        generate_phantom(raw, n, native, seed=seed, workers=min(2, os.cpu_count() or 1))
-        write_text_atomic(raw / "done", "")
-    shard_sets = {}
-    for text, size in parsed.items():
-        path = data / f"shards-{'x'.join(map(str, size))}"
-        if not (path / "index.json").exists():
-            log(f"shards at {size} -> {path}")
-            write_shards(raw, path, hr_size=size, samples_per_shard=SAMPLES_PER_SHARD, progress=False)
-        shard_sets[text] = str(path)
+    raw = _phantom_raw(data, n, native, seed, 0.2, log)
+    shard_sets = {
+        text: _shards(raw, data / f"shards-{'x'.join(map(str, size))}", size, log)
+        for text, size in parsed.items()
+    }
     tokenizer = data / "tokenizer"
     if not tokenizer.exists():
         train_tokenizer_dir(split_reports(next(iter(shard_sets.values())), "train"), tokenizer)

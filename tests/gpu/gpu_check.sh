@@ -3,7 +3,8 @@
 #   stack check, bench_step grid (5 connectors x checkpointing x micro-batch 1,2; 8B, bf16, LoRA),
 #   QLoRA rows (70B nf4, 8B nf4), a short ZeRO-2 training run on the phantom at `normal`
 #   resolution with vit-base (bf16, NCCL, evaluation, export), the loader bench at 256x512x512,
-#   the GPU tests, the kernel bench (quick, then full), bench_step through DeepSpeed, ZeRO-3.
+#   the GPU tests, the kernel bench (quick, then full), bench_step through DeepSpeed, ZeRO-3,
+#   the vision probe (issue 14) with vit-tiny.
 # Run from the project root (device tool: command "bash tests/gpu/gpu_check.sh", carry
 # [".whl", ".whl_bnb", ".whl_eval"] built here by tests/gpu/gpu_wheels.sh). Needs nothing outside
 # the project. Tables, JSON, PNGs and logs go to $OUT (the device tool's output folder; default
@@ -181,6 +182,13 @@ step train3 150 python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 
   --ds "$OUT/zero3_torch_adam.json" --max-steps 5 --no-eval --out /tmp/run_zero3
 wanted train3 && ls -la /tmp/run_zero3/export > "$OUT/train3_export_files.txt" 2>&1
 step kernels_full 300 python3 -m kernels.bench --out "$OUT/kernel_bench.json"
+# --- issue 14's vision probe at a scale the CPU cannot afford (vit-tiny, 20 epochs of 1350
+# phantom volumes): can the visual tokens carry HR-only findings at all? Last: runs only when the
+# budget has room, or alone with GPU_CHECK_ONLY=probe.
+# Its phantom stays in /tmp (too big to bring back); the tables come back.
+step probe 240 python3 -m hilt_scale.sweep.probe --out /tmp/probe --vision vit-tiny --epochs 20 \
+  --variants hilt,lr-only,all-tokens --seeds 0 --device cuda
+wanted probe && cp /tmp/probe/probe_results.{json,md} "$OUT/" 2>/dev/null
 
 echo "=== summary ($((SECONDS - T0)) s of $BUDGET)"
 cat "$SUMMARY"

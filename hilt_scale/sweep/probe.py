@@ -1,0 +1,253 @@
+"""Vision probe: can a connector's visual tokens carry each phantom finding, without the LLM?
+
+    python -m hilt_scale.sweep.probe --out DIR [--variants hilt,lr-only,...] [--seeds 0,1,2]
+        [--phantom-n 1500] [--phantom-seed 0] [--vision vit-micro] [--resolution cpu-tiny]
+        [--epochs 6] [--device auto]
+
+The hr-study (``--experiment hr-study``) asks the whole model to write the findings; when a
+variant fails there, the vision path and the language side are confounded. This trains, per
+variant and seed, the same ViT and connector as the trainer (``encode_volumes``: the tokens the
+LLM would get) with a linear head on the max over tokens, directly on the phantom's per-volume
+finding kinds (multi-label BCE, one logit per kind), and reports the validation ROC AUC per kind
+and its mean over each physical group (``auc_hr_only``, ``auc_lr_visible``; 0.5 = chance). Same
+phantom (built once, as the sweep does), same budget for every variant. Per run
+``DIR/probe/NAME.json`` (rerun = resume), then ``DIR/probe_results.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hilt_scale.model.config import CONNECTOR_KINDS, grid, model_config
+from hilt_scale.model.mllm import build_vision, encode_volumes
+from hilt_scale.sweep.grid import parse_list
+from hilt_scale.sweep.study import mean_std
+from shards.io import write_json_atomic, write_text_atomic
+from shards.phantom_report import HR_ONLY_KINDS, KINDS, LR_VISIBLE_KINDS
+
+KIND_NAMES: tuple[str, ...] = tuple(KINDS)
+GROUPS = {"auc_hr_only": HR_ONLY_KINDS, "auc_lr_visible": LR_VISIBLE_KINDS}
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic over (positive, negative) pairs, ties counted 1/2;
+    NaN when one class is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average rank over each run of equal scores
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def load_split(shard_set: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Volumes [N, 1, D, H, W] (as stored) and finding-kind labels [N, len(KINDS)] of one split.
+
+    Needs phantom shards: each sample's json must hold ``findings`` with their ``kind``.
+    """
+    volumes, labels = [], []
+    for i, j in shard_set.entries(split):
+        sample = shard_set.read(i, j)
+        findings = sample["meta"].get("findings")
+        if findings is None:
+            raise ValueError(
+                f"{shard_set.root}: sample {sample['key']} has no 'findings' in its json; "
+                "the probe needs phantom shards (ground-truth finding kinds)"
+            )
+        kinds = {f["kind"] for f in findings}
+        volumes.append(torch.from_numpy(np.array(sample["hr"])))  # a writable copy
+        labels.append([k in kinds for k in KIND_NAMES])
+    return torch.stack(volumes)[:, None], torch.tensor(labels, dtype=torch.float32)
+
+
+class VisionProbe(nn.Module):
+    """ViT + connector (the trainer's visual path) + a linear head on the max over visual tokens."""
+
+    def __init__(self, vision: str, connector: str, resolution: str, llm: str = "llm-tiny") -> None:
+        super().__init__()
+        from hilt_scale.model.connectors import build_connector
+
+        self.cfg = model_config(vision=vision, connector=connector, llm=llm, resolution=resolution)
+        width = self.cfg.llm.hidden_size
+        self.vision = build_vision(self.cfg)
+        self.connector = build_connector(self.cfg.connector, self.cfg.vision.width, width)
+        self.head = nn.Linear(width, len(KIND_NAMES))
+
+    @property
+    def visual_tokens(self) -> int:
+        res, patch = self.cfg.resolution, self.vision.patch_size
+        return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch))
+
+    def forward(self, hr: torch.Tensor) -> torch.Tensor:
+        tokens = encode_volumes(self.vision, self.connector, self.cfg.resolution.lr_size, hr)
+        return self.head(tokens.float().amax(dim=1))
+
+
+def run_probe(
+    variant: str,
+    seed: int,
+    train: tuple[torch.Tensor, torch.Tensor],
+    valid: tuple[torch.Tensor, torch.Tensor],
+    *,
+    vision: str = "vit-micro",
+    resolution: str = "cpu-tiny",
+    epochs: int = 6,
+    batch: int = 8,
+    lr: float = 1e-3,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Train one probe, return validation AUC per kind and per group, the loss curve and the time."""
+    torch.manual_seed(seed)
+    model = VisionProbe(vision, variant, resolution).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    (xt, yt), (xv, yv) = train, valid
+    gen = torch.Generator().manual_seed(seed)
+    t0, losses = time.perf_counter(), []
+    model.train()
+    for _ in range(epochs):
+        perm, total = torch.randperm(len(xt), generator=gen), 0.0
+        for b in range(0, len(xt), batch):
+            idx = perm[b : b + batch]
+            loss = F.binary_cross_entropy_with_logits(model(xt[idx].to(device)), yt[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(xt))
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat(
+            [torch.sigmoid(model(xv[b : b + batch].to(device))).cpu() for b in range(0, len(xv), batch)]
+        )
+    per_kind = {k: roc_auc(yv[:, i].numpy(), probs[:, i].numpy()) for i, k in enumerate(KIND_NAMES)}
+    out: dict[str, Any] = {"variant": variant, "seed": seed, "visual_tokens": model.visual_tokens}
+    for name, kinds in GROUPS.items():
+        vals = [per_kind[k] for k in kinds if not np.isnan(per_kind[k])]
+        out[name] = float(np.mean(vals)) if vals else float("nan")
+    out.update(
+        auc_per_kind=per_kind,
+        positives={k: int(yv[:, i].sum()) for i, k in enumerate(KIND_NAMES)},
+        train_loss=losses,
+        steps=epochs * -(-len(xt) // batch),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    return out
+
+
+def summarize(runs: list[dict]) -> dict[str, Any]:
+    """Per variant: visual tokens, seeds, mean/std over seeds of the group AUCs and each kind's."""
+    by: dict[str, list[dict]] = {}
+    for r in runs:
+        by.setdefault(r["variant"], []).append(r)
+    out = {}
+    for variant, rs in by.items():
+        out[variant] = {
+            "visual_tokens": rs[0]["visual_tokens"],
+            "seeds": [r["seed"] for r in rs],
+            **{g: mean_std([r[g] for r in rs]) for g in GROUPS},
+            "auc_per_kind": {k: mean_std([r["auc_per_kind"][k] for r in rs]) for k in KIND_NAMES},
+        }
+    return out
+
+
+def probe_markdown(summary: dict) -> str:
+    """Table: one row per variant, group AUCs then each kind's AUC (mean ± std over seeds)."""
+
+    def cell(d: dict) -> str:
+        return f"{d['mean']:.2f} ± {d['std']:.2f}" if d.get("n") else "n/a"
+
+    short = {k: k.replace(" calcification", " calc.").replace(" effusion", " eff.") for k in KIND_NAMES}
+    head = ["variant", "visual tokens", "seeds", "AUC HR-only", "AUC LR-visible"]
+    head += [f"{short[k]}{' (HR-only)' if k in HR_ONLY_KINDS else ''}" for k in KIND_NAMES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, v in summary.items():
+        row = [variant, str(v["visual_tokens"]), str(len(v["seeds"]))]
+        row += [cell(v[g]) for g in GROUPS] + [cell(v["auc_per_kind"][k]) for k in KIND_NAMES]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hilt_scale.sweep.probe", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--variants", default="hilt,lr-only,random-queries,all-tokens,pooled,2d")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--data", help="a phantom shard set to use instead of building one under --out")
+    p.add_argument("--phantom-n", type=int, default=1500, help="phantom volumes (10%% validation)")
+    p.add_argument("--phantom-seed", type=int, default=0)
+    p.add_argument("--vision", default="vit-micro")
+    p.add_argument("--resolution", default="cpu-tiny")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    a = p.parse_args(argv)
+    variants = parse_list(a.variants)
+    bad = [v for v in variants if v not in CONNECTOR_KINDS]
+    if bad:
+        p.error(f"unknown variants {bad}; expected some of {CONNECTOR_KINDS}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    from shards.read import open_shard_set
+
+    if a.data:
+        data = a.data
+    else:
+        from hilt_scale.sweep.execute import build_phantom_shards
+
+        hr = "x".join(map(str, model_config(resolution=a.resolution).resolution.hr_size))
+        data = build_phantom_shards(a.out, a.phantom_n, hr, a.phantom_seed, valid_fraction=0.1)
+    shard_set = open_shard_set(data)
+    train, valid = load_split(shard_set, "train"), load_split(shard_set, "valid")
+    print(
+        f"probe data {data}: {len(train[0])} train / {len(valid[0])} valid volumes, device {device}",
+        flush=True,
+    )
+    runs = []
+    for seed in (int(s) for s in parse_list(a.seeds)):
+        for variant in variants:
+            path = a.out / "probe" / f"{variant}__seed-{seed}.json"
+            if path.exists():
+                runs.append(json.loads(path.read_text()))
+                continue
+            r = run_probe(
+                variant, seed, train, valid, vision=a.vision, resolution=a.resolution, epochs=a.epochs,
+                batch=a.batch, lr=a.lr, device=device,
+            )  # fmt: skip
+            r.update(vision=a.vision, resolution=a.resolution, data=str(data), device=device)
+            write_json_atomic(path, r)
+            runs.append(r)
+            print(
+                f"{variant} seed {seed}: AUC HR-only {r['auc_hr_only']:.3f} LR-visible {r['auc_lr_visible']:.3f} "
+                f"({r['seconds']:.0f} s, {r['steps']} steps)",
+                flush=True,
+            )
+    summary = summarize(runs)
+    write_json_atomic(a.out / "probe_results.json", {"variants": summary, "runs": runs})
+    table = probe_markdown(summary)
+    write_text_atomic(a.out / "probe_results.md", table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
