@@ -182,11 +182,11 @@ step train3 150 python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 
   --ds "$OUT/zero3_torch_adam.json" --max-steps 5 --no-eval --out /tmp/run_zero3
 wanted train3 && ls -la /tmp/run_zero3/export > "$OUT/train3_export_files.txt" 2>&1
 step kernels_full 300 python3 -m kernels.bench --out "$OUT/kernel_bench.json"
-# --- issue 14's vision probe at a scale the CPU cannot afford (vit-tiny, 20 epochs of 1350
+# --- issue 14's vision probe at a scale the CPU cannot afford (vit-tiny, 15 epochs of 1350
 # phantom volumes): can the visual tokens carry HR-only findings at all? Last: runs only when the
 # budget has room, or alone with GPU_CHECK_ONLY=probe.
 # Its phantom stays in /tmp (too big to bring back); the tables come back.
-step probe 240 python3 -m hilt_scale.sweep.probe --out /tmp/probe --vision vit-tiny --epochs 20 \
+step probe 300 python3 -m hilt_scale.sweep.probe --out /tmp/probe --vision vit-tiny --epochs 15 \
   --variants hilt,lr-only,all-tokens --seeds 0 --device cuda
 wanted probe && cp /tmp/probe/probe_results.{json,md} "$OUT/" 2>/dev/null
 
