@@ -36,6 +36,27 @@ def test_experiments_expand_with_axes_seeds_and_recipes() -> None:
         grids_for("hr-study", "paper", {})
 
 
+@pytest.mark.parametrize("scale", ["cpu", "paper"])
+def test_every_connector_keeps_hilts_room_for_the_report(scale) -> None:
+    """table3 at both scales: all-tokens (and 2d at paper size) used to get the default
+    max_length=512, which the trainer refuses when 512 visual tokens leave no room for a report."""
+    from hilt_scale.info import inspect_model
+    from hilt_scale.model.config import model_config
+    from hilt_scale.recipes import recipe
+
+    rooms = {}
+    for spec in expand(grids_for("table3", scale, {}), scale, [0]):
+        f = spec.flags
+        cfg = model_config(f["vision"], f["connector"], f["llm"], recipe(spec.recipe).resolution, spec.sets)
+        tokens = inspect_model(cfg, with_llm=False)["visual_tokens"]
+        rooms[f["connector"]] = cfg.max_length - tokens
+        assert cfg.max_length <= cfg.llm.max_position, (spec.name, cfg.max_length)
+    assert rooms["all-tokens"] == rooms["hilt"] >= 448, rooms
+    assert all(room >= rooms["hilt"] for room in rooms.values()), rooms
+    given = expand(grids_for("table3", scale, {}), scale, [0], sets=["max_length=2048"])
+    assert all(s.sets == ["max_length=2048"] for s in given)
+
+
 def test_fig5d_paper_plan_70b_uses_zero3_and_4bit(capsys) -> None:
     rows = main(["--experiment", "fig5d", "--scale", "paper", "--plan"])["plan"]
     small, big = rows

@@ -139,6 +139,30 @@ def grids_for(
     return grids
 
 
+def text_room_sets(flags: dict[str, str], sets: list[str], resolution: str) -> list[str]:
+    """``max_length=N`` for a run whose connector gives the LLM more visual tokens than HILT would
+    at the same settings (all-tokens; 2d at paper size), so that its prompt and report keep the
+    room HILT has (N = max_length - HILT's tokens + the run's) instead of the trainer refusing the
+    run. Nothing when ``--set max_length=...`` is given or the tokens fit; token counts from a
+    meta-device build (``hilt_scale.info``)."""
+    if any(item.split("=", 1)[0] == "max_length" for item in sets):
+        return []
+    from hilt_scale.info import inspect_model
+    from hilt_scale.model.config import model_config
+
+    model_sets = [item for item in sets if not item.startswith("llm.tokenizer_path=")]
+
+    def tokens(connector: str) -> tuple[int, int]:
+        cfg = model_config(flags["vision"], connector, flags["llm"], resolution, model_sets)
+        return inspect_model(cfg, with_llm=False)["visual_tokens"], cfg.max_length
+
+    try:
+        (run_tokens, max_length), (hilt_tokens, _) = tokens(flags["connector"]), tokens("hilt")
+    except (KeyError, ValueError):  # an invalid run: the plan and the run report it
+        return []
+    return [f"max_length={max_length - hilt_tokens + run_tokens}"] if run_tokens > hilt_tokens else []
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
 
@@ -179,6 +203,11 @@ def expand(
             recipe, ds = base["recipe"], DS_CONFIGS["zero2"]
             if scale == "paper" and run_flags["llm"] == "llama3-70b":
                 recipe, ds = "ctrate-llama3-70b-qlora", DS_CONFIGS["zero3_qlora"]
+            if not pending:
+                from hilt_scale.recipes import recipe as recipe_of
+
+                resolution = run_flags.get("resolution") or recipe_of(recipe).resolution
+                run_sets += text_room_sets(run_flags, run_sets, resolution)
             if data is not None:
                 run_flags["data"] = data
             name = f"{group}__seed-{seed}"
