@@ -5,7 +5,7 @@
 - ``random-queries``: N' learned queries in place of Z_LR (BLIP/Q-Former-style); same attention.
 - ``all-tokens``: every HR token is projected into the LLM (RadFM-style); grows with HR size.
 - ``pooled``: HR tokens average-pooled on their 3D grid to a fixed grid, then projected (M3D-style).
-- ``2d``: the LR volume as a multichannel 2D image (slices = channels), all patch tokens projected
+- ``2d``: the HR volume as a multichannel 2D image (slices = channels), all patch tokens projected
   (LLaVA-1.5 / R2GenGPT-style); the model builds its ViT with a patch spanning the whole depth.
 - ``lr-only``: the same 3D ViT on the LR view only, ``Z = F(Z_LR)`` (HILT without the HR attention).
 F is a 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu) into the LLM width.
