@@ -44,7 +44,8 @@ def _patched_by_interpreter() -> list[object]:
     """The triton.language modules and classes whose attributes the interpreter replaces."""
     core = tl.core
     objs = [tl, tl.standard, tl.math, core, core.tensor, core.dtype, core.tensor_descriptor_base]
-    return objs + [c for c in (getattr(core, "condition", None),) if c is not None]
+    condition = getattr(core, "condition", None)  # not in every triton version
+    return objs if condition is None else [*objs, condition]
 
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def _interpretable_stdlib():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    before = {id(obj): (obj, dict(vars(obj))) for obj in _patched_by_interpreter()}
+    before = [(obj, dict(vars(obj))) for obj in _patched_by_interpreter()]
     for mod in (tl, tl.standard, tl.math):
         for name, val in list(vars(mod).items()):
             if isinstance(val, JITFunction):
@@ -72,7 +73,7 @@ def _interpretable_stdlib():
     try:
         yield
     finally:
-        for obj, saved in before.values():
+        for obj, saved in before:
             for name, val in list(vars(obj).items()):
                 # Names the interpreter adds (its rewritten functions' globals) stay.
                 if name in saved and saved[name] is not val:
