@@ -32,7 +32,7 @@ def test_auc_is_mann_whitney_u_over_pairs():
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
-    return out, build_phantom_shards(out, 160, "32x64x64", 0, valid_fraction=0.3, log=lambda *_: None)
+    return out, build_phantom_shards(out, 160, (32, 64, 64), 0, valid_fraction=0.3, log=lambda *_: None)
 
 
 def test_probe_learns_a_finding_the_vit_sees(small_phantom):

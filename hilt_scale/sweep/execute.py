@@ -46,14 +46,12 @@ def _shards(raw: Path, path: Path, size: tuple[int, int, int], log) -> str:
 
 
 def build_phantom_shards(
-    out: Path, n: int, size: str, seed: int, valid_fraction: float = 0.2, log=print
+    out: Path, n: int, size: tuple[int, int, int], seed: int, valid_fraction: float = 0.2, log=print
 ) -> str:
-    """One phantom of ``n`` volumes at HR ``size`` (DxHxW) and its shard set under ``out/data``
+    """One phantom of ``n`` volumes at HR ``size`` (D, H, W) and its shard set under ``out/data``
     (named by n, size, seed and validation fraction); a finished part is reused."""
-    from shards.schema import parse_size
-
-    raw = _phantom_raw(out / "data", n, parse_size(size), seed, valid_fraction, log)
-    return _shards(raw, raw.with_name(f"shards-{raw.name}"), parse_size(size), log)
+    raw = _phantom_raw(out / "data", n, size, seed, valid_fraction, log)
+    return _shards(raw, raw.with_name(f"shards-{raw.name}"), size, log)
 
 
 def prepare_phantom(out: Path, n: int, sizes: list[str], seed: int, log=print) -> tuple[dict[str, str], str]:
@@ -83,7 +81,7 @@ def _hr_size_of(spec: RunSpec) -> str:
             return item.split("=", 1)[1]
     from hilt_scale.model.config import preset
 
-    return "x".join(map(str, preset("resolution", spec.flags["resolution"]).hr_size))
+    return "x".join(map(str, preset("resolution", spec.resolution).hr_size))
 
 
 def _fmt(seconds: float) -> str:

@@ -97,6 +97,13 @@ class RunSpec:
     sets: list[str] = field(default_factory=list)  # --set section.field=value
     pending: str | None = None  # why this run cannot run yet (then it is skipped, not failed)
 
+    @property
+    def resolution(self) -> str:
+        """The run's resolution preset: its ``--resolution`` flag, else its recipe's."""
+        from hilt_scale.recipes import recipe
+
+        return self.flags.get("resolution") or recipe(self.recipe).resolution
+
     def train_args(self, out: str | Path) -> list[str]:
         """Arguments of ``hilt_scale/train.py`` for this run, writing into ``out``."""
         args = ["--ds", self.ds, "--recipe", self.recipe]
@@ -203,16 +210,12 @@ def expand(
             recipe, ds = base["recipe"], DS_CONFIGS["zero2"]
             if scale == "paper" and run_flags["llm"] == "llama3-70b":
                 recipe, ds = "ctrate-llama3-70b-qlora", DS_CONFIGS["zero3_qlora"]
-            if not pending:
-                from hilt_scale.recipes import recipe as recipe_of
-
-                resolution = run_flags.get("resolution") or recipe_of(recipe).resolution
-                run_sets += text_room_sets(run_flags, run_sets, resolution)
             if data is not None:
                 run_flags["data"] = data
             name = f"{group}__seed-{seed}"
             if name not in specs:
-                specs[name] = RunSpec(
-                    name, group, point, seed, recipe, ds, dict(run_flags), list(run_sets), pending
-                )
+                spec = RunSpec(name, group, point, seed, recipe, ds, dict(run_flags), list(run_sets), pending)
+                if not pending:
+                    spec.sets += text_room_sets(spec.flags, spec.sets, spec.resolution)
+                specs[name] = spec
     return list(specs.values())

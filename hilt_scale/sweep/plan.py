@@ -107,9 +107,7 @@ def plan_run(
         return {**row, "status": "pending", "reason": spec.pending}
     f = spec.flags
     try:
-        c = _counts(
-            f["vision"], f["connector"], f["llm"], f.get("resolution", _recipe_res(spec)), tuple(spec.sets)
-        )
+        c = _counts(f["vision"], f["connector"], f["llm"], spec.resolution, tuple(spec.sets))
     except (KeyError, ValueError) as exc:
         return {**row, "status": "invalid", "reason": str(exc)}
     # The most GPUs the batch allows: total batch = micro x accumulation x GPUs.
@@ -143,12 +141,6 @@ def plan_run(
         ),
     )
     return row
-
-
-def _recipe_res(spec: RunSpec) -> str:
-    from hilt_scale.recipes import recipe
-
-    return recipe(spec.recipe).resolution
 
 
 def plan_markdown(rows: list[dict], gpu_gb: float) -> str:

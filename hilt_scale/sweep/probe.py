@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.model.config import CONNECTOR_KINDS, grid, model_config
+from hilt_scale.model.config import CONNECTOR_KINDS, grid, model_config, preset
+from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.mllm import build_vision, encode_volumes
 from hilt_scale.sweep.grid import parse_list
 from hilt_scale.sweep.study import mean_std
@@ -85,8 +86,6 @@ class VisionProbe(nn.Module):
 
     def __init__(self, vision: str, connector: str, resolution: str, llm: str = "llm-tiny") -> None:
         super().__init__()
-        from hilt_scale.model.connectors import build_connector
-
         self.cfg = model_config(vision=vision, connector=connector, llm=llm, resolution=resolution)
         width = self.cfg.llm.hidden_size
         self.vision = build_vision(self.cfg)
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from hilt_scale.sweep.execute import build_phantom_shards
 
-        hr = "x".join(map(str, model_config(resolution=a.resolution).resolution.hr_size))
+        hr = preset("resolution", a.resolution).hr_size
         data = build_phantom_shards(a.out, a.phantom_n, hr, a.phantom_seed, valid_fraction=0.1)
     shard_set = open_shard_set(data)
     train, valid = load_split(shard_set, "train"), load_split(shard_set, "valid")
