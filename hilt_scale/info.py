@@ -3,6 +3,8 @@
     python -m hilt_scale.info --vision vit-base --connector hilt \
         --hr-size 256,512,512 --lr-size 64,128,128 --llm llama3-8b
 
+    python -m hilt_scale.info --versions     # the resolved versions of the packages we build on
+
 Prints a table, then one JSON line with ``hr_tokens``, ``lr_tokens``, ``visual_tokens`` and
 parameter counts. The vision encoder and connector really run (on meta tensors), so the token
 counts are the model's own, not a formula.
@@ -11,6 +13,7 @@ counts are the model's own, not a formula.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 from typing import Any
 
@@ -23,6 +26,21 @@ from hilt_scale.model.mllm import add_lora, build_vision, hf_config
 from shards.schema import parse_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# The packages whose versions change results or break us; CI prints them, summary.json records them.
+VERSIONED = ("torch", "deepspeed", "transformers", "peft", "bitsandbytes", "triton", "webdataset", "kernels")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of each package in ``VERSIONED`` (None where it is not installed)."""
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _meta_llm(cfg: ModelConfig) -> torch.nn.Module:
@@ -109,7 +127,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--lr-size", type=parse_size, help="D,H,W of the LR view, e.g. 64,128,128")
     p.add_argument("--patch-size", type=parse_size, help="D,H,W of a ViT patch, e.g. 16,32,32")
     p.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE", help="config overrides")
+    p.add_argument("--versions", action="store_true", help="print the installed versions of our key packages")
     args = p.parse_args(argv)
+    if args.versions:
+        versions = package_versions()
+        print("  ".join(f"{k} {v or '-'}" for k, v in versions.items()))
+        print(json.dumps(versions))
+        return versions
     with_llm = args.llm.lower() != "none"
     cfg = model_config(args.vision, args.connector, args.llm if with_llm else "llm-tiny", args.resolution)
     sizes = {"hr_size": args.hr_size, "lr_size": args.lr_size, "patch_size": args.patch_size}

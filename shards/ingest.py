@@ -42,6 +42,12 @@ MIN_COVERAGE = 0.2  # a volume whose content fills less of the grid than this is
 # A name taken from a data file (split, key, id) becomes part of a file or member name: keep it plain.
 # No dots (webdataset cuts member names at the first dot), at most 90 characters (USTAR name field).
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,90}")
+# Where the stored values become HU (docs/DATA.md): CT-RATE v1 stores raw values that its metadata
+# CSV's RescaleSlope/Intercept turn into HU; v2 stores HU while the CSV still lists intercept -1024
+# (CT-CLIP issue #50). "auto" decides per volume from the values; "csv" / "header" force one.
+RESCALES = ("auto", "csv", "header")
+AIR_MAX_HU = -500.0  # air (2nd percentile above the padding value) must lie below this after the choice
+BODY_MIN_HU = -1500.0  # and the median above this: a -1024 shift too many puts both out of range
 
 
 class DataError(ValueError):
@@ -68,7 +74,7 @@ class Record:
     report: str
     split: str
     dataset: str
-    slope: float | None = None  # CT-RATE: raw stored value * slope + intercept = HU
+    slope: float | None = None  # CT-RATE CSV: raw stored value * slope + intercept = HU (v1 only)
     intercept: float | None = None
     spacing: tuple[float, float, float] | None = None  # (z, y, x) mm, overrides the header
     labels: dict[str, int] | None = None
@@ -84,6 +90,7 @@ class Summary:
     dropped: Counter = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     flagged: Counter = field(default_factory=Counter)  # kept, but worth a look (e.g. low_coverage)
+    rescale: Counter = field(default_factory=Counter)  # where stored values became HU: csv | header
 
     def drop(self, reason: str, message: str | None = None) -> None:
         self.dropped[reason] += 1
@@ -101,6 +108,7 @@ class Summary:
             "kept": self.kept,
             "dropped": dict(sorted(self.dropped.items())),
             "flagged": dict(sorted(self.flagged.items())),
+            "rescale": dict(sorted(self.rescale.items())),
             "errors": self.errors,
         }
 
@@ -133,8 +141,67 @@ def handle(err: DataError, on_error: str, summary: Summary) -> None:
 # ---- Reading one volume into the canonical orientation. ----
 
 
-def load_canonical(rec: Record) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Load a NIfTI as float32 HU in canonical (D, H, W) order, with its (z, y, x) spacing in mm."""
+def intensity_levels(data: np.ndarray) -> tuple[float, float]:
+    """(air, body) levels of a CT volume: the 2nd percentile and the median of its voxels above the
+    minimum (scanners fill outside the reconstruction circle with one constant, left out), on a
+    strided subsample of at most ~2M voxels."""
+    sample = data.ravel()[:: max(1, data.size // 2_000_000)]
+    above = sample[sample > sample.min()]
+    if above.size == 0:
+        above = sample
+    return float(np.percentile(above, 2)), float(np.median(above))
+
+
+def plausible_hu(air: float, body: float) -> bool:
+    """Air near -1000 HU and a body that is not below air: values that really are HU."""
+    return air <= AIR_MAX_HU and body >= BODY_MIN_HU
+
+
+def read_hu(img, rec: Record, shape: tuple[int, ...], rescale: str = "auto") -> tuple[np.ndarray, str]:
+    """The stored values as float32 HU, and which rescale made them HU ("csv" or "header").
+
+    Without a CSV rescale (manifest, NIfTI folder) the header's own scaling is used, unchecked.
+    With one (CT-RATE) ``auto`` takes the header's reading when its values are plausible HU (v2,
+    or a header that scales itself), else the CSV's (v1); either choice must give air below
+    -500 HU and a median above -1500 HU, or the volume is refused naming both readings.
+    """
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
+    if rec.slope is None:
+        if rescale == "csv":
+            raise DataError(
+                "no_csv_rescale", rec.path, rec.key, "--rescale csv, but no metadata CSV gives one"
+            )
+        return np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape), "header"
+    header = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    levels = {"header": intensity_levels(header)}
+    if rescale != "csv" and (rescale == "header" or plausible_hu(*levels["header"])):
+        choice, data = "header", header
+    else:
+        del header
+        raw = np.asarray(img.dataobj.get_unscaled(), dtype=np.float32).reshape(shape)
+        choice, data = "csv", raw * np.float32(rec.slope) + np.float32(rec.intercept or 0.0)
+        del raw
+        levels["csv"] = intensity_levels(data)
+    if not plausible_hu(*levels[choice]):
+        seen = "; ".join(f"{k}: air {a:.0f} HU, median {b:.0f} HU" for k, (a, b) in levels.items())
+        raise DataError(
+            "implausible_hu",
+            rec.path,
+            rec.key,
+            f"--rescale {rescale} gives values that are not HU ({seen}); air must be below "
+            f"{AIR_MAX_HU:.0f} and the median above {BODY_MIN_HU:.0f}. CT-RATE v1 stores raw values "
+            "(use the CSV rescale), v2 stores HU (use the header)",
+        )
+    return data, choice
+
+
+def load_canonical(rec: Record, rescale: str = "auto") -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Load a NIfTI as float32 HU in canonical (D, H, W) order, with its (z, y, x) spacing in mm.
+
+    Which rescale made the values HU (``read_hu``) is recorded in ``rec.extra["rescale"]``, so it
+    travels into the sample's json.
+    """
     try:
         img = nib.load(str(rec.path))
     except FileNotFoundError as e:
@@ -147,11 +214,9 @@ def load_canonical(rec: Record) -> tuple[np.ndarray, tuple[float, float, float]]
     if len(shape) != 3 or min(shape) < 2:
         raise DataError("not_3d", rec.path, rec.key, f"expected a 3D volume, got shape {img.shape}")
     try:
-        if rec.slope is not None:  # CT-RATE: the metadata CSV, not the header, gives the rescale
-            data = np.asarray(img.dataobj.get_unscaled(), dtype=np.float32).reshape(shape)
-            data = data * np.float32(rec.slope) + np.float32(rec.intercept or 0.0)
-        else:
-            data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+        data, rec.extra["rescale"] = read_hu(img, rec, shape, rescale)
+    except DataError:
+        raise
     except Exception as e:
         raise DataError("unreadable_nifti", rec.path, rec.key, f"{type(e).__name__}: {e}") from e
     if not np.isfinite(data).all():

@@ -2,7 +2,7 @@
 
 Everything the project writes for a user to keep (shards, indexes, CSVs, run outputs, PNGs) goes
 through ``atomic_write``: a temp file in the target directory, fsync, then ``os.replace``, so a
-reader or a crash never sees half a file. ``hilt_scale`` and ``kernels`` import it from here.
+reader or a crash never sees half a file. ``hilt_scale`` and ``hilt_kernels`` import it from here.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from shards.ingest import (
     FOV_MM,
     MIN_COVERAGE,
     ORIENTATION,
+    RESCALES,
     SPLIT_PROTOCOLS,
     DataError,
     Record,
@@ -70,10 +71,10 @@ SHARD_NAME = re.compile(r"[A-Za-z0-9_-]+-\d{6}\.tar")
 
 
 def encode_sample(
-    rec: Record, hr_size, dtype: str, target_spacing, zstd_level: int
+    rec: Record, hr_size, dtype: str, target_spacing, zstd_level: int, rescale: str = "auto"
 ) -> tuple[dict, bytes, bytes]:
     """Load, preprocess and compress one record: (json metadata, zstd bytes, report bytes)."""
-    hu, spacing = load_canonical(rec)
+    hu, spacing = load_canonical(rec, rescale)
     arr, out_spacing = preprocess(hu, spacing, hr_size, dtype, target_spacing)
     meta = {
         "coverage": round(coverage(hu.shape, spacing, hr_size, target_spacing), 4),
@@ -147,7 +148,12 @@ def write_one_shard(job: dict) -> dict:
             rec = Record(**{**r, "path": Path(r["path"])})
             try:
                 meta, vol, txt = encode_sample(
-                    rec, job["hr_size"], job["dtype"], job["target_spacing"], job["zstd_level"]
+                    rec,
+                    job["hr_size"],
+                    job["dtype"],
+                    job["target_spacing"],
+                    job["zstd_level"],
+                    job["rescale"],
                 )
             except DataError as e:
                 handle(e, job["on_error"], summary)
@@ -163,6 +169,7 @@ def write_one_shard(job: dict) -> dict:
             _add(tf, f"{rec.key}.vol.zst", vol)
             crcs.append([zlib.crc32(js), zlib.crc32(txt)])
             summary.kept += 1
+            summary.rescale[meta["rescale"]] += 1
     keys, members = shard_members(final)
     info = {
         "name": name,
@@ -277,6 +284,7 @@ def write_shards(
     split: str = "official",
     split_seed: int = 0,
     fov_mm: float | None = None,
+    rescale: str = "auto",
 ) -> dict:
     """Write a shard set from a source (CT-RATE tree, manifest CSV, NIfTI dir or records); return the index.
 
@@ -286,9 +294,13 @@ def write_shards(
     70/10/20 by patient, seeded by ``split_seed``) or "official". The command line defaults to the
     paper (``**PAPER``); these Python defaults keep the earlier behaviour for existing callers
     (the trainer's cached phantom default and ``hilt_scale.generate``'s NIfTI path assume it).
-    Raises DataError("no_samples") when no sample is left to write.
+    ``rescale``: where stored values become HU (``ingest.read_hu``): auto | csv | header; the
+    choices made are counted in the index's summary. Raises DataError("no_samples") when no
+    sample is left to write.
     """
     check_policy(on_error)
+    if rescale not in RESCALES:
+        raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
     if dtype not in ("uint8", "int16"):
         raise ValueError(f"dtype must be uint8 or int16, got {dtype!r}")
     if split not in SPLIT_PROTOCOLS:
@@ -326,6 +338,7 @@ def write_shards(
         "target_spacing": list(target_spacing) if target_spacing else None,
         "zstd_level": zstd_level,
         "format": INDEX_VERSION,
+        "rescale": rescale,
     }
     plan = plan_shards(records, samples_per_shard)
     jobs, infos = [], {}
@@ -338,7 +351,7 @@ def write_shards(
             continue
         jobs.append({
             "out": str(out), "name": name, "split": split_name, "hr_size": hr_size, "dtype": dtype,
-            "target_spacing": target_spacing, "zstd_level": zstd_level, "on_error": on_error,
+            "target_spacing": target_spacing, "zstd_level": zstd_level, "on_error": on_error, "rescale": rescale,
             "plan": fingerprint, "records": [{**asdict(r), "path": str(r.path)} for r in recs],
         })  # fmt: skip
     planned = {name for name, _, _ in plan}
@@ -365,11 +378,12 @@ def write_shards(
                 bar.advance(task, len(j["records"]))
     removed = _remove_stale(out, planned)
     shards = [infos[name] for name, _, _ in plan]
-    dropped, flagged = Counter(summary.dropped), Counter(summary.flagged)
+    dropped, flagged, rescaled = Counter(summary.dropped), Counter(summary.flagged), Counter()
     errors = list(summary.errors)
     for s in shards:
         dropped.update(s["summary"]["dropped"])
         flagged.update(s["summary"].get("flagged", {}))
+        rescaled.update(s["summary"].get("rescale", {}))
         errors.extend(s["summary"]["errors"])
     splits: dict[str, int] = {}
     for s in shards:
@@ -391,12 +405,14 @@ def write_shards(
             "fov_mm": fov_mm if resample == "fov" else None,
             "split": split,
             "split_seed": split_seed,
+            "rescale": rescale,  # the policy; summary.rescale counts what each volume got
         },
         "summary": {
             "found": summary.found,
             "written": written,
             "dropped": dict(sorted(dropped.items())),
             "flagged": dict(sorted(flagged.items())),
+            "rescale": dict(sorted(rescaled.items())),  # volumes made HU by the CSV rescale | the header
             "unaccounted": summary.found - written - sum(dropped.values()),
             "stale_shards_removed": removed,
             "errors": errors[:50],
@@ -433,6 +449,13 @@ def main(argv: list[str] | None = None) -> None:
         "--official-split", action="store_true", help="keep CT-RATE's train/valid folders (no test split)"
     )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (default 0)")
+    p.add_argument(
+        "--rescale",
+        choices=RESCALES,
+        default="auto",
+        help="where stored values become HU: auto (per volume: CT-RATE v1 raw -> CSV rescale, v2 HU -> "
+        "header), csv, header (default auto)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     p.add_argument("--samples-per-shard", type=int, help="default: about --shard-mb per shard")
@@ -446,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
             source, a.out, a.hr_size, a.dtype, a.workers, a.on_error, a.spacing, a.samples_per_shard,
             shard_bytes=a.shard_mb << 20, report_field=a.report_field, progress=not a.no_progress,
             split="official" if a.official_split else "patient", split_seed=a.split_seed,
-            fov_mm=None if a.stretch else a.fov_mm,
+            fov_mm=None if a.stretch else a.fov_mm, rescale=a.rescale,
         )  # fmt: skip
     except DataError as e:
         print(f"shards.write: {e}", file=sys.stderr)
@@ -454,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     s = index["summary"]
     print(
         f"found {s['found']}, written {s['written']}, dropped {sum(s['dropped'].values())} {s['dropped']}, "
-        f"flagged {s['flagged']}; splits {index['splits']}",
+        f"flagged {s['flagged']}; rescale {s['rescale']}; splits {index['splits']}",
         file=sys.stderr,
     )
     print(json.dumps({"out": a.out, "shards": len(index["shards"]), "splits": index["splits"], "summary": s}))

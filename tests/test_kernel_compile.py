@@ -1,8 +1,8 @@
 """The kernels compile for an H100 (sm_90) on a machine without a GPU, as the JIT would compile them.
 
 The interpreter checks the arithmetic but not GPU code generation; this compiles the very launches
-``kernels.hilt_attention`` makes for the paper's shapes in bf16 (Triton to PTX to cubin) with the
-JIT's own specialisation (``kernels.compile_report``), and checks the resources of what runs:
+``hilt_kernels.hilt_attention`` makes for the paper's shapes in bf16 (Triton to PTX to cubin) with the
+JIT's own specialisation (``hilt_kernels.compile_report``), and checks the resources of what runs:
 shared memory within the H100 limit, no register spills where none are expected, pipelined
 ``cp.async`` loads and ``wgmma`` where the design relies on them.
 """
@@ -14,8 +14,8 @@ import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from kernels import compile_report as cr
-from kernels.bench import Shape
+from hilt_kernels import compile_report as cr
+from hilt_kernels.bench import Shape
 
 SMEM_LIMIT = 232448  # H100 / H200: 227 KiB of shared memory per block at most
 SHAPES = [

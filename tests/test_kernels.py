@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels.reference import hilt_attention_reference
+import hilt_kernels
+from hilt_kernels.reference import hilt_attention_reference
 
-ka = importlib.import_module("kernels.hilt_v1")
-kv2 = importlib.import_module("kernels.hilt_v2")
-launch = importlib.import_module("kernels.launch")
+ka = importlib.import_module("hilt_kernels.hilt_v1")
+kv2 = importlib.import_module("hilt_kernels.hilt_v2")
+launch = importlib.import_module("hilt_kernels.launch")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
@@ -44,7 +44,7 @@ def nan_poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(ka, "_empty", poisoned)
     monkeypatch.setattr(kv2, "_empty", poisoned)
-    monkeypatch.setattr(importlib.import_module("kernels.hilt_v2_bwd"), "_empty", poisoned)
+    monkeypatch.setattr(importlib.import_module("hilt_kernels.hilt_v2_bwd"), "_empty", poisoned)
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -72,7 +72,7 @@ def make_inputs(shape_q, n, dtype, kv_same, seed, transposed=False):
 def check_against_reference(q, k, v, scale, tol, config=None, impl="v2"):
     """Run kernel and fp64 reference forward + backward with one upstream gradient; compare all."""
     kv_same = k is v
-    out = kernels.hilt_attention(q, k, v, scale=scale, config=config, impl=impl)
+    out = hilt_kernels.hilt_attention(q, k, v, scale=scale, config=config, impl=impl)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(out.dtype).to(DEVICE)
     out.backward(grad_out)
 
@@ -165,7 +165,7 @@ def test_non_contiguous_multi_head(impl):
 def test_aliased_k_v_get_one_summed_gradient(impl):
     """k is v: the single tensor's gradient is dK + dV of the reference with separate copies."""
     q, kv, _ = make_inputs((1, 4, 80), 90, torch.float32, True, seed=11)
-    kernels.hilt_attention(q, kv, kv, impl=impl).sum().backward()
+    hilt_kernels.hilt_attention(q, kv, kv, impl=impl).sum().backward()
 
     q64 = q.detach().double()
     k64 = kv.detach().double().requires_grad_()
@@ -182,7 +182,7 @@ def test_same_data_distinct_views_get_separate_gradients(impl):
     base = k.detach().clone().requires_grad_()
     k_view, v_view = base[:], base[:]
     assert k_view is not v_view and ka.same_data(k_view, v_view)
-    kernels.hilt_attention(q, k_view, v_view, impl=impl).sum().backward()
+    hilt_kernels.hilt_attention(q, k_view, v_view, impl=impl).sum().backward()
 
     k64 = base.detach().double().requires_grad_()
     hilt_attention_reference(q.detach().double(), k64, k64).sum().backward()
@@ -195,7 +195,7 @@ def test_frozen_keys_get_no_gradient(impl):
     q, k, v = make_inputs((1, 5, 64), 40, torch.float32, False, seed=13)
     k.requires_grad_(False)
     v.requires_grad_(False)
-    kernels.hilt_attention(q, k, v, impl=impl).square().sum().backward()
+    hilt_kernels.hilt_attention(q, k, v, impl=impl).square().sum().backward()
     q64 = q.detach().double().requires_grad_()
     hilt_attention_reference(q64, k.double(), v.double()).square().sum().backward()
     assert k.grad is None and v.grad is None
@@ -209,28 +209,28 @@ def test_impl_selection(monkeypatch):
     for name, fn in (("v1", ka._HiltAttention), ("v2", kv2._HiltAttentionV2)):
         apply = fn.apply
         monkeypatch.setattr(fn, "apply", lambda *a, name=name, apply=apply: calls.append(name) or apply(*a))
-    assert kernels.triton_available() and kernels.default_impl() == "v2"
-    out2 = kernels.hilt_attention(q, k, k)
+    assert hilt_kernels.triton_available() and hilt_kernels.default_impl() == "v2"
+    out2 = hilt_kernels.hilt_attention(q, k, k)
     monkeypatch.setenv("HILT_KERNEL_IMPL", "v1")
-    out1 = kernels.hilt_attention(q, k, k)
+    out1 = hilt_kernels.hilt_attention(q, k, k)
     assert calls == ["v2", "v1"]
     assert rel_err(out2, out1.detach().double()) <= 1e-5
     with pytest.raises(ValueError, match="impl"):
-        kernels.hilt_attention(q, k, k, impl="v3")
+        hilt_kernels.hilt_attention(q, k, k, impl="v3")
 
 
 def test_import_without_triton():
-    """The model imports the reference on machines without triton: ``import kernels`` must not need it."""
+    """The model imports the reference on machines without triton: ``import hilt_kernels`` must not need it."""
     script = (
         "import sys\n"
         "sys.modules['triton'] = None\n"  # any `import triton` now raises ImportError
-        "import kernels\n"
-        "from kernels.reference import hilt_attention_reference\n"
+        "import hilt_kernels\n"
+        "from hilt_kernels.reference import hilt_attention_reference\n"
         "import torch\n"
         "q = torch.randn(1, 3, 8, dtype=torch.float64)\n"
-        "assert kernels.hilt_attention_reference is hilt_attention_reference\n"
+        "assert hilt_kernels.hilt_attention_reference is hilt_attention_reference\n"
         "assert hilt_attention_reference(q, q, q).shape == q.shape\n"
-        "assert kernels.triton_available() is False\n"
+        "assert hilt_kernels.triton_available() is False\n"
         "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n"
         "print('ok')\n"
     )
@@ -255,16 +255,16 @@ def test_bad_input_is_named(k_shape, v_shape, q_dtype, match, impl):
     k = torch.randn(k_shape, dtype=q_dtype, device=DEVICE)
     v = torch.randn(v_shape, dtype=q_dtype, device=DEVICE)
     with pytest.raises(ValueError, match=match):
-        kernels.hilt_attention(q, k, v, impl=impl)
+        hilt_kernels.hilt_attention(q, k, v, impl=impl)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path without the interpreter")
 def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not kernels.triton_available()
+    assert not hilt_kernels.triton_available()
     x = torch.randn(1, 4, 32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kernels.hilt_attention(x, x, x)
+        hilt_kernels.hilt_attention(x, x, x)
 
 
 @pytest.mark.gpu
@@ -298,7 +298,7 @@ def test_interpreter_leaves_triton_language_as_found(impl):
     objs = [tl, tl.standard, tl.math, tl.core, tl.core.tensor, tl.core.dtype, tl.core.tensor_descriptor_base]
     before = [(obj, dict(vars(obj))) for obj in objs]
     q, k, v = make_inputs((2, 5, 40), 70, torch.float32, False, seed=3)
-    kernels.hilt_attention(q, k, v, impl=impl).sum().backward()
+    hilt_kernels.hilt_attention(q, k, v, impl=impl).sum().backward()
     changed = [
         f"{getattr(obj, '__name__', obj)}.{name}"
         for obj, saved in before
@@ -314,7 +314,7 @@ def test_interpreter_works_when_triton_was_imported_first(tmp_path):
     script = (
         "import os, triton, torch\n"  # triton first, interpreter off
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "from kernels import hilt_attention, hilt_attention_reference\n"
+        "from hilt_kernels import hilt_attention, hilt_attention_reference\n"
         "q, k = torch.randn(1, 3, 32), torch.randn(1, 40, 32)\n"
         "err = (hilt_attention(q, k, k) - hilt_attention_reference(q, k, k)).abs().max().item()\n"
         "assert err < 1e-5, err\n"
@@ -331,7 +331,7 @@ def test_bench_cpu_quick_writes_json(tmp_path, capsys):
     """The bench runs end to end on a CPU (interpreter), prints a table and a JSON line, writes JSON."""
     if torch.cuda.is_available():
         pytest.skip("the GPU bench is a benchmark, not a test")
-    from kernels import bench
+    from hilt_kernels import bench
 
     payload = bench.main(["--quick", "--out", str(tmp_path)])
     printed = capsys.readouterr().out

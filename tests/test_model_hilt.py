@@ -184,7 +184,7 @@ def test_projector_layers_outside_1_to_3_is_an_error(layers):
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_implementations_agree_with_the_kernel_reference(impl):
-    from kernels.reference import hilt_attention_reference
+    from hilt_kernels.reference import hilt_attention_reference
 
     torch.manual_seed(2)
     q, kv = torch.randn(2, 6, 32), torch.randn(2, 50, 32)

@@ -1,7 +1,7 @@
 """HILT's attention ``q + softmax(q kv^T * scale) kv`` (no projections), by implementation.
 
 ``eager`` is the kernels' fp64-capable reference, ``sdpa`` torch's fused attention, ``triton`` the
-fused kernel of ``kernels`` (imported only when chosen; falls back to sdpa without CUDA/Triton).
+fused kernel of ``hilt_kernels`` (imported only when chosen; falls back to sdpa without CUDA/Triton).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import hilt_attention_reference
+from hilt_kernels.reference import hilt_attention_reference
 
 _warned: set[str] = set()
 
@@ -33,18 +33,22 @@ def attn_scale_value(attn_scale: str, width: int) -> float:
     raise ValueError(f"connector.attn_scale={attn_scale!r}; expected 'rsqrt' or 'paper'")
 
 
-def _triton_hilt_attention():
-    """The Triton kernel from ``kernels`` when it can run here (CUDA + Triton), else None."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        import kernels  # noqa: PLC0415 - optional, written in parallel; import only when asked for
+def triton_kernel_function():
+    """Our fused ``hilt_kernels.hilt_attention`` when triton imports here, else None.
 
-        if hasattr(kernels, "triton_available") and not kernels.triton_available():
-            return None
-        return getattr(kernels, "hilt_attention", None)
+    Imported by its full name, never as ``kernels``: that import name belongs to Hugging Face's
+    package (required by transformers), which has no ``hilt_attention``.
+    """
+    try:
+        import hilt_kernels  # noqa: PLC0415 - optional: import only when asked for
     except ImportError:
         return None
+    return hilt_kernels.hilt_attention if hilt_kernels.triton_available() else None
+
+
+def _triton_hilt_attention():
+    """The Triton kernel when it can run here (CUDA + Triton), else None."""
+    return triton_kernel_function() if torch.cuda.is_available() else None
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -69,7 +73,7 @@ def hilt_attention(
         if fn is not None:
             return fn(q, kv, kv, scale=scale)
         _warn_once(
-            "HILT attention: Triton kernel unavailable here (needs CUDA, triton, kernels.hilt_attention); using sdpa"
+            "HILT attention: Triton kernel unavailable here (needs CUDA, triton, hilt_kernels.hilt_attention); using sdpa"
         )
         impl = "sdpa"
     if impl == "eager":

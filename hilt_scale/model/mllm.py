@@ -28,17 +28,18 @@ from shards.schema import HU_WINDOW
 # Sentinel id marking the image position in collated input_ids (LLaVA uses the same value).
 
 
-class _NoKernelsHubProbe(logging.Filter):
-    """bitsandbytes (imported by peft whenever it is installed) tries ``from kernels import
-    get_kernel`` to fetch a CPU gemm from the hub; our top-level ``kernels`` package answers, the
-    import fails and bitsandbytes logs a warning on every run, 4-bit or not. It then uses its own
-    CPU path, which is what we want (no hub access): drop that one message."""
+class _NoRemoteKernelProbe(logging.Filter):
+    """bitsandbytes (imported by peft whenever it is installed), on CPUs with AVX512-BF16, asks
+    Hugging Face's ``kernels`` package for a CPU gemm from the hub repository "kernels-community";
+    the hub's remote code is refused here (untrusted, or offline) and bitsandbytes logs a warning
+    on every run, 4-bit or not, then uses its own CPU path, which is what we want (no code from the
+    hub at run time): drop that one message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "from kernels-community" not in str(record.msg)
 
 
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHubProbe())
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoRemoteKernelProbe())
 
 IMAGE_TOKEN_ID = -200
 IGNORE_INDEX = -100
@@ -427,10 +428,14 @@ class HiltReportModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def param_counts(self) -> dict[str, int]:
-        """Trainable and total parameter counts (4-bit weights counted as stored elements x2)."""
+        """Trainable and total parameter counts (4-bit weights counted as stored elements x2).
+
+        Under ZeRO-3 a partitioned parameter has numel 0 locally; its full size is ``ds_numel``.
+        """
         total = trainable = 0
         for p in self.parameters():
-            n = p.numel() * (2 if p.dtype == torch.uint8 or type(p).__name__ == "Params4bit" else 1)
+            numel = getattr(p, "ds_numel", None) or p.numel()
+            n = numel * (2 if p.dtype == torch.uint8 or type(p).__name__ == "Params4bit" else 1)
             total += n
             trainable += n if p.requires_grad else 0
         return {"trainable": trainable, "total": total}

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hilt_scale.info import package_versions
 from hilt_scale.model.config import ModelConfig, apply_overrides, model_config
 from hilt_scale.training.config import TrainConfig
 from hilt_scale.training.data import (
@@ -325,6 +326,7 @@ def run(cfg: TrainConfig) -> dict | None:
             "on_error": cfg.on_error,
             "skipped": skipped,  # samples left out under --on-error skip, by reason
             "eval_errors": eval_errors,
+            "versions": package_versions(),  # numbers are comparable only with the same stack
         }
         write_json_atomic(out / "summary.json", summary)
         if scores is not None:

@@ -145,7 +145,7 @@ check("deepspeed zero2 bf16 1 rank", lambda: ds(2))
 check("webdataset+zstd", wds_zstd)
 check("nibabel", lambda: __import__("nibabel").__version__)
 check("bitsandbytes 4-bit on cuda", bnb)
-check("project imports", lambda: [__import__(m).__name__ for m in ("hilt_scale.bench_step", "hilt_scale.training.loop", "shards.read", "kernels")])
+check("project imports", lambda: [__import__(m).__name__ for m in ("hilt_scale.bench_step", "hilt_scale.training.loop", "shards.read", "hilt_kernels")])
 PY
 step stack 60 python3 "$OUT/stack_check.py"
 
@@ -176,12 +176,12 @@ if [[ -n "${PREP_LOADER:-}" ]]; then
 fi
 
 step pytest 120 python3 -m pytest -q -m gpu -p no:cacheprovider
-step kernels_quick 90 python3 -m kernels.bench --quick --out "$OUT/kernel_bench_quick.json"
+step kernels_quick 90 python3 -m hilt_kernels.bench --quick --out "$OUT/kernel_bench_quick.json"
 step deepspeed_step 120 $BS --name bench_step_8b_ds --connectors hilt --micro-batch 1 --via-deepspeed --no-parts
 step train3 150 python3 -m deepspeed.launcher.runner --num_gpus 1 --master_port 29612 $TRAIN \
   --ds "$OUT/zero3_torch_adam.json" --max-steps 5 --no-eval --out /tmp/run_zero3
 wanted train3 && ls -la /tmp/run_zero3/export > "$OUT/train3_export_files.txt" 2>&1
-step kernels_full 300 python3 -m kernels.bench --out "$OUT/kernel_bench.json"
+step kernels_full 300 python3 -m hilt_kernels.bench --out "$OUT/kernel_bench.json"
 # --- issue 14's vision probe at a scale the CPU cannot afford (vit-tiny, 15 epochs of 1350
 # phantom volumes): can the visual tokens carry HR-only findings at all? Last: runs only when the
 # budget has room, or alone with GPU_CHECK_ONLY=probe.

@@ -1,7 +1,7 @@
 """How the HILT attention kernels are launched: tile choice, key split, GPU vs interpreter.
 
 Kept apart from the kernels themselves (``hilt_attention.py``): this is the part to tune on a GPU
-(``python -m kernels.bench --sweep``) and the part that knows Triton's interpreter quirks.
+(``python -m hilt_kernels.bench --sweep``) and the part that knows Triton's interpreter quirks.
 """
 
 import contextlib
@@ -122,7 +122,7 @@ def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | No
 
     GPU choices were checked by compiling for sm_90 with triton 3.6 and 3.9 (``python -m
     kernels.bench --compile-only``): none spills registers. They are still to be tuned on a GPU
-    (``kernels.bench --sweep``).
+    (``hilt_kernels.bench --sweep``).
     """
     interpret = interpreting() if interpret is None else interpret
     d_pad = pow2(d)
@@ -210,7 +210,7 @@ def fused_supported(d: int) -> bool:
 def pick_fused_config(
     m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None, same_kv: bool = True
 ) -> FusedConfig:
-    """v2 tile choice. GPU rows were checked only by compiling for sm_90 (``python -m kernels.bench
+    """v2 tile choice. GPU rows were checked only by compiling for sm_90 (``python -m hilt_kernels.bench
     --compile-only``: registers, spills, shared memory, cp.async / wgmma); to be tuned on a GPU.
     Separate K and V tiles double the shared memory per key block: half the key tile."""
     interpret = interpreting() if interpret is None else interpret

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.hilt_v2 import _empty
-from kernels.launch import (
+from hilt_kernels.hilt_v2 import _empty
+from hilt_kernels.launch import (
     FusedConfig,
     dot_precision,
     fa2_num_splits,
@@ -44,7 +44,7 @@ from kernels.launch import (
     same_data,
     split_keys,
 )
-from kernels.split_combine import LOG2E
+from hilt_kernels.split_combine import LOG2E
 
 
 def _bwd_kernel(

@@ -1,6 +1,6 @@
 """Compile evidence without a GPU: the launches ``hilt_attention`` makes, compiled the way the JIT would.
 
-``python -m kernels.bench --compile-only [--impl v2|v1] [--arch 90]`` lands here. For each shape
+``python -m hilt_kernels.bench --compile-only [--impl v2|v1] [--arch 90]`` lands here. For each shape
 it records the launches of the chosen implementation (host code run on small CPU tensors with the
 GPU tile choice), then compiles each kernel for ``cuda:<arch>`` with *Triton's own JIT
 specialisation*: the binder the JIT builds for the kernel (``create_function_from_signature``)
@@ -34,8 +34,8 @@ def capture_launches(shape, dtype: torch.dtype, impl: str = "v2", n_keys: int = 
     like fresh CUDA tensors) and with the GPU tile choice (``interpreting`` forced off). Key
     splits use the CPU stand-in of 4 SMs, which changes only runtime integers, not the program.
     """
-    launch_mod = importlib.import_module("kernels.launch")
-    mod = importlib.import_module(f"kernels.hilt_{impl}")
+    launch_mod = importlib.import_module("hilt_kernels.launch")
+    mod = importlib.import_module(f"hilt_kernels.hilt_{impl}")
     calls = []
 
     def record(fn, grid, *args, **kwargs):
@@ -48,7 +48,7 @@ def capture_launches(shape, dtype: torch.dtype, impl: str = "v2", n_keys: int = 
     stats = torch.zeros(q.shape[:-1])
     patches = [mock.patch.object(launch_mod, "interpreting", lambda: False)]
     if impl == "v2":
-        bwd = importlib.import_module("kernels.hilt_v2_bwd")
+        bwd = importlib.import_module("hilt_kernels.hilt_v2_bwd")
         patches += [mock.patch.object(mod, "launch", record), mock.patch.object(bwd, "launch", record)]
     else:
         patches += [mock.patch.object(mod, "launch", record)]
@@ -157,7 +157,7 @@ def report(arch: int = 90, impl: str = "v2", dtypes=(torch.bfloat16,), shapes=No
     """Compile every launch of ``impl`` for the issue's shapes; print one line each, return rows."""
     import triton
 
-    from kernels.bench import Shape
+    from hilt_kernels.bench import Shape
 
     shapes = shapes or [
         Shape(1, 0, 64, 4096, 768, True),

@@ -1,8 +1,8 @@
 """Benchmark HILT attention: eager, torch.compile, SDPA and the fused Triton kernel.
 
-    python -m kernels.bench --out DIR            # full grid on a GPU (B 1/2/4, N 512/4096/32768)
-    python -m kernels.bench --quick --out DIR    # the HILT rows: B=2, N 4096 and 32768
-    python -m kernels.bench --compile-only       # any machine: sm_90 compile evidence (no GPU)
+    python -m hilt_kernels.bench --out DIR            # full grid on a GPU (B 1/2/4, N 512/4096/32768)
+    python -m hilt_kernels.bench --quick --out DIR    # the HILT rows: B=2, N 4096 and 32768
+    python -m hilt_kernels.bench --compile-only       # any machine: sm_90 compile evidence (no GPU)
 
 For every shape and implementation: forward and forward+backward time (p50 of
 ``triton.testing.do_bench``, p20/p80 in the JSON), the share of the copy roofline (bytes = each
@@ -87,8 +87,8 @@ TORCH_IMPLS = ("eager", "sdpa", "compile")
 
 def implementations(use_compile: bool) -> dict[str, Callable]:
     """Name -> callable(q, k, v) for every implementation measured."""
-    from kernels import hilt_attention
-    from kernels.reference import hilt_attention_reference
+    from hilt_kernels import hilt_attention
+    from hilt_kernels.reference import hilt_attention_reference
 
     impls = {"eager": hilt_attention_reference, "sdpa": sdpa_hilt}
     if use_compile:
@@ -105,8 +105,8 @@ def implementations(use_compile: bool) -> dict[str, Callable]:
 
 def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
     """Extra v2 rows with other tile choices, to tune ``pick_fused_config`` on a GPU (--sweep)."""
-    from kernels import hilt_attention
-    from kernels.launch import NARROW_HEAD, pick_fused_config
+    from hilt_kernels import hilt_attention
+    from hilt_kernels.launch import NARROW_HEAD, pick_fused_config
 
     base = pick_fused_config(
         shape.queries, shape.keys, shape.width, dtype, interpret=False, same_kv=shape.kv_same
@@ -179,7 +179,7 @@ def run_shape(
     shape: Shape, impls: dict[str, Callable], dtype: torch.dtype, device: torch.device, bw: float
 ) -> list[dict]:
     """Measure every implementation on one shape; return one result row per implementation."""
-    from kernels.reference import hilt_attention_reference
+    from hilt_kernels.reference import hilt_attention_reference
 
     on_gpu = device.type == "cuda"
     gen = torch.Generator(device=device).manual_seed(0)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     name = "kernel_bench_quick" if args.quick else "kernel_bench"
 
     if args.compile_only:
-        from kernels.compile_report import format_rows, report
+        from hilt_kernels.compile_report import format_rows, report
 
         dtypes = (torch.bfloat16, torch.float32) if args.fp32 else (torch.bfloat16,)
         payload = report(args.arch, args.impl, dtypes)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from kernels.launch import interpreting
+from hilt_kernels.launch import interpreting
 
 LOG2E = 1.4426950408889634
 COMBINE_BLOCK_M = 16
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# A plain function, wrapped with ``triton.jit`` on first use (``kernels.launch.launch``), so that
+# A plain function, wrapped with ``triton.jit`` on first use (``hilt_kernels.launch.launch``), so that
 # TRITON_INTERPRET is read at launch, not at import.
 def _fwd_combine_kernel(
     Q, Acc, Mx, Lx, Out, OAttn, Lse,  # OAttn [BH, M, D] fp32; Lse [BH, M] fp32 (base 2)
@@ -93,5 +93,5 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "hilt_attention: CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1)"
-            " or use kernels.hilt_attention_reference / SDPA"
+            " or use hilt_kernels.hilt_attention_reference / SDPA"
         )

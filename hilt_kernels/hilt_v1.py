@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.launch import (
+from hilt_kernels.launch import (
     NARROW_HEAD,
     KernelConfig,
     dot_precision,
@@ -51,7 +51,7 @@ from kernels.launch import (
     pow2,
     same_data,
 )
-from kernels.split_combine import (
+from hilt_kernels.split_combine import (
     COMBINE_BLOCK_M,
     LOG2E,
     _fwd_combine_kernel,
@@ -60,7 +60,7 @@ from kernels.split_combine import (
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels. They are plain functions here and wrapped with ``triton.jit`` on first use
-# (``kernels.launch.launch``), so that TRITON_INTERPRET is read at launch, not at import.
+# (``hilt_kernels.launch.launch``), so that TRITON_INTERPRET is read at launch, not at import.
 # ----------------------------------------------------------------------------------------------
 
 

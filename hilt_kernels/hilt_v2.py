@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels.launch import (
+from hilt_kernels.launch import (
     MAX_CHUNKS,
     FusedConfig,
     dot_precision,
@@ -40,7 +40,13 @@ from kernels.launch import (
     same_data,
     split_keys,
 )
-from kernels.split_combine import COMBINE_BLOCK_M, LOG2E, SUPPORTED_DTYPES, _fwd_combine_kernel, check_inputs
+from hilt_kernels.split_combine import (
+    COMBINE_BLOCK_M,
+    LOG2E,
+    SUPPORTED_DTYPES,
+    _fwd_combine_kernel,
+    check_inputs,
+)
 
 __all__ = ["hilt_attention", "SUPPORTED_DTYPES"]
 
@@ -220,7 +226,7 @@ class _HiltAttentionV2(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        from kernels.hilt_v2_bwd import backward
+        from hilt_kernels.hilt_v2_bwd import backward
 
         q, k, v, o_attn, lse = ctx.saved_tensors
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -245,7 +251,7 @@ def hilt_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     d = q.shape[-1]
     if not fused_supported(d) and config is None:
-        from kernels.hilt_v1 import hilt_attention as v1
+        from hilt_kernels.hilt_v1 import hilt_attention as v1
 
         return v1(q, k, v, scale=scale)
     cfg = config or pick_fused_config(q.shape[-2], k.shape[-2], d, q.dtype, same_kv=same_data(k, v))

@@ -8,7 +8,7 @@ import importlib
 import importlib.util
 import os
 
-from kernels.reference import hilt_attention_reference
+from hilt_kernels.reference import hilt_attention_reference
 
 IMPLS = ("v2", "v1")  # v2: the key-loop redesign (default); v1: the first kernel, kept until v2 ran on a GPU
 IMPL_ENV = "HILT_KERNEL_IMPL"
@@ -48,7 +48,7 @@ def hilt_attention(q, k, v, scale=None, config=None, impl=None):
     impl = impl or default_impl()
     if impl not in IMPLS:
         raise ValueError(f"hilt_attention: impl must be one of {IMPLS}, got {impl!r}")
-    module = importlib.import_module("kernels.hilt_v2" if impl == "v2" else "kernels.hilt_v1")
+    module = importlib.import_module("hilt_kernels.hilt_v2" if impl == "v2" else "hilt_kernels.hilt_v1")
     return module.hilt_attention(q, k, v, scale=scale, config=config)
 
 
