@@ -1,5 +1,7 @@
 """The multimodal model: collator masks, splicing, overfitting one batch, generation, export, QLoRA."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -206,7 +208,15 @@ def test_llm_checkpointing_keeps_the_loss(tokenizer):
     losses = []
     for ckpt in ("false", "true"):
         torch.manual_seed(0)
-        model = build_model(micro_cfg(**{"llm.grad_checkpointing": ckpt}), tokenizer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = build_model(micro_cfg(**{"llm.grad_checkpointing": ckpt}), tokenizer)
+        # the current API, not the deprecated alias (transformers 5.2x warns on the old name)
+        assert not [w for w in caught if "checkpointing_enable" in str(w.message)]
+        flags = [
+            m.gradient_checkpointing for m in model.llm.modules() if hasattr(m, "gradient_checkpointing")
+        ]
+        assert any(flags) == (ckpt == "true")
         loss = model(batch)
         loss.backward()
         losses.append((loss.item(), model.vision.pos_embed.grad.clone()))

@@ -82,19 +82,20 @@ def test_constant_padding_outside_the_scan_circle_does_not_decide(tmp_path: Path
 
 
 def test_the_writer_counts_the_choice_per_shard_set(tmp_path: Path) -> None:
-    """A CT-RATE tree with v2 files (HU stored) next to v1 files: each is read right, both counted."""
+    """A CT-RATE tree mixing v1 files (raw stored, no header scaling) and v2 files (HU stored): each
+    is read right, each choice counted; a forced choice drops exactly the files it does not fit."""
     root = tmp_path / "ct"
     generate_phantom(root, n=6, size=(8, 16, 16), seed=5)
-    ref = write_shards(root, tmp_path / "ref", hr_size=(8, 16, 16), progress=False)
-    for name in ("train_1_a_1", "train_2_a_1"):  # rewrite two volumes as v2: HU stored, no header scaling
+    write_shards(root, tmp_path / "ref", hr_size=(8, 16, 16), progress=False)
+    for name, shift in (("train_1_a_1", 0), ("train_2_a_1", 0), ("train_3_a_1", 1024)):
         path = volume_path(root, f"{name}.nii.gz")
         img = nib.load(path)
-        hu = np.asarray(img.get_fdata())
-        out = nib.Nifti1Image(np.rint(hu).astype(np.int16), img.affine)
-        out.header.set_slope_inter(None, None)
+        out = nib.Nifti1Image(np.rint(img.get_fdata() + shift).astype(np.int16), img.affine)
+        out.header.set_slope_inter(None, None)  # v2 (shift 0) or v1 (raw = HU + 1024) as CT-RATE has them
         nib.save(out, path)
     index = write_shards(root, tmp_path / "mixed", hr_size=(8, 16, 16), progress=False)
-    assert index["summary"]["rescale"] == {"header": 6}  # phantom v1 files carry their scaling in the header
+    # the untouched phantom files carry their scaling in the header; the v1 one needs the CSV
+    assert index["summary"]["rescale"] == {"csv": 1, "header": 5}
     assert index["preprocessing"]["rescale"] == "auto"
     ref_set, mixed = ShardSet(tmp_path / "ref"), ShardSet(tmp_path / "mixed")
     assert ref_set.keys() == mixed.keys()
@@ -102,5 +103,6 @@ def test_the_writer_counts_the_choice_per_shard_set(tmp_path: Path) -> None:
     forced = write_shards(
         root, tmp_path / "forced", hr_size=(8, 16, 16), progress=False, rescale="csv", on_error="skip"
     )
-    assert forced["summary"]["dropped"] == {"implausible_hu": 2}
-    assert forced["summary"]["rescale"] == {"csv": 4}
+    assert forced["summary"]["dropped"] == {"implausible_hu": 2} and forced["summary"]["rescale"] == {
+        "csv": 4
+    }

@@ -129,6 +129,9 @@ def test_zero3_two_ranks_train_checkpoint_and_evaluate(zero3_run):
         "baseline_constant_report"
     ]
     assert (zero3_run / "curves.png").stat().st_size > 1000
+    # Partitioned parameters have numel 0 on each rank: the counts must be the full sizes.
+    assert 0 < summary["params"]["trainable"] < summary["params"]["total"]
+    assert summary["versions"]["deepspeed"] and summary["versions"]["transformers"]
     # Paper-table columns for `evaluate --compare`: cpu-micro LR 8x16x16 / patch 4x8x8 = 2*2*2 tokens.
     assert (summary["method"], summary["hr_size"], summary["visual_tokens"]) == ("hilt", [16, 32, 32], 8)
 

@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -230,8 +231,22 @@ def build_llm(cfg: LLMConfig, tokenizer: Any) -> nn.Module:
             cfg.path, quantization_config=quant, dtype=dtype, attn_implementation=attn
         )
     if cfg.grad_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(llm)
     return add_lora(llm, cfg)
+
+
+def enable_activation_checkpointing(llm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the LLM's layers, by either transformers API.
+
+    transformers 5.2x renamed ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)``
+    to ``activation_checkpointing_enable(activation_checkpointing_kwargs=...)`` (the old name
+    warns and goes in v6); releases before the rename have only the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def add_lora(llm: nn.Module, cfg: LLMConfig) -> nn.Module:
@@ -249,7 +264,12 @@ def add_lora(llm: nn.Module, cfg: LLMConfig) -> nn.Module:
         modules_to_save=list(cfg.train_modules) or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(llm, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated alias `is_gradient_checkpointing` (5.2x warns)
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(llm, lora)
 
 
 def build_vision(cfg: ModelConfig) -> ViT3D:

@@ -326,6 +326,7 @@ def run(cfg: TrainConfig) -> dict | None:
             "on_error": cfg.on_error,
             "skipped": skipped,  # samples left out under --on-error skip, by reason
             "eval_errors": eval_errors,
+            "params": model.param_counts(),  # trainable / total (ZeRO-3: full sizes, not local shards)
             "versions": package_versions(),  # numbers are comparable only with the same stack
         }
         write_json_atomic(out / "summary.json", summary)
