@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="directory for the table (.txt), .json and .jsonl; or a .json path; or a .jsonl path (rows only)",
     )
     parser.add_argument("--step", default="kernel_bench", help="the step name in the JSON lines")
+    parser.add_argument("--impls", help="comma-separated implementations to run (default: all)")
     args = parser.parse_args(argv)
     name = "kernel_bench_quick" if args.quick else "kernel_bench"
 
@@ -418,6 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     bw = copy_bandwidth(device, on_gpu)
     impls = implementations(use_compile=on_gpu and not args.no_compile)
+    if args.impls:
+        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
     shapes = gpu_shapes(args.quick) if on_gpu else cpu_shapes(args.quick)
     if args.sweep and not on_gpu:
         print("--sweep: the tile variants are GPU configs; skipped in the interpreter")

@@ -180,6 +180,7 @@ def same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 MAX_CHUNKS = 4  # the v2 kernels hold up to 4 C chunks (acc0..acc3): C <= 4 * 256 = 1024
 SMEM_LIMIT = 232448  # sm_90 (H100 / H200): 227 KiB of shared memory per block at most
+SMEM_MARGIN = 4096  # triton 3.6 (the GPU image's) allocates up to 2 KiB more than ``smem_bytes``
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,9 @@ def smem_bytes(kind: str, cfg: FusedConfig, d: int, elem: int, same_kv: bool, m:
     ``kind``: ``fwd`` (forward key loop), ``dq`` (dQ-only / hybrid P, dS pass: Q and dO on chip
     beside the K pipeline), ``kv`` (the dK/dV pass). Operands held in shared memory: the Q (and
     dO) chunks for the whole loop, ``_buffers`` copies of the K (and V) tile, and the P tile the
-    second product reads. Matches the compiled ``shared`` of every launch in
-    ``tests/test_kernel_compile.py`` to within 4 KiB, never below it (the dK/dV pass is bounded from
-    above).
+    second product reads. Equals the compiled ``shared`` of the wide forward and dQ / hybrid passes
+    on triton 3.9 (``tests/test_kernel_compile.py``) and bounds the dK/dV and narrow passes from
+    above; triton 3.6 compiled the C = 768 hybrid pass 2 KiB larger (hence ``SMEM_MARGIN``).
     """
     cp = cfg.chunks(d) * cfg.block_d  # C padded to whole chunks
     kv = 1 if same_kv else 2
@@ -251,11 +252,12 @@ def passes(cfg: FusedConfig, d: int) -> tuple[str, ...]:
 
 
 def config_fits(cfg: FusedConfig, d: int, dtype: torch.dtype, same_kv: bool, m: int = 64) -> bool:
-    """Every pass of ``cfg`` fits the sm_90 shared-memory limit and C fits in ``MAX_CHUNKS`` chunks."""
+    """Every pass of ``cfg`` fits the sm_90 shared-memory limit (with ``SMEM_MARGIN`` to spare) and C
+    fits in ``MAX_CHUNKS`` chunks."""
     if cfg.chunks(d) > MAX_CHUNKS:
         return False
     elem = torch.empty((), dtype=dtype).element_size()
-    return all(smem_bytes(k, cfg, d, elem, same_kv, m) <= SMEM_LIMIT for k in passes(cfg, d))
+    return all(smem_bytes(k, cfg, d, elem, same_kv, m) + SMEM_MARGIN <= SMEM_LIMIT for k in passes(cfg, d))
 
 
 def fused_supported(d: int, dtype: torch.dtype = torch.bfloat16, same_kv: bool = True, m: int = 64) -> bool:

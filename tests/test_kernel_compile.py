@@ -97,9 +97,9 @@ WIDTHS = [(768, True), (768, False), (1024, True), (1024, False), (512, True), (
 
 @pytest.mark.parametrize("width, kv_same", WIDTHS)
 def test_smem_model_matches_the_compiled_kernels(width, kv_same):
-    """``launch.smem_bytes`` (what ``fused_supported`` decides from) equals the compiled shared
-    memory of the forward and dQ / hybrid passes and bounds the dK/dV pass from above; so every
-    config the launcher picks launches on sm_90."""
+    """``launch.smem_bytes`` (what ``fused_supported`` decides from) is the compiled shared memory
+    of the forward and dQ / hybrid passes (equal on triton 3.9, within ``SMEM_MARGIN`` on 3.6) and
+    bounds the dK/dV pass from above; so every config the launcher picks launches on sm_90."""
     from hilt_kernels import launch
 
     heads = 0 if width > 128 else 12
@@ -112,10 +112,11 @@ def test_smem_model_matches_the_compiled_kernels(width, kv_same):
         compiled = cr.compile_like_jit(fn, args, kwargs, 90).metadata.shared
         model = launch.smem_bytes(kind, cfg, width, 2, kv_same)
         assert compiled <= SMEM_LIMIT, (kind, compiled)
+        assert compiled <= model + launch.SMEM_MARGIN, (kind, compiled, model)  # what config_fits relies on
         if kind == "kv" or width <= 128:  # an upper bound (allocation reuse differs)
-            assert compiled <= model <= compiled + 16384, (kind, compiled, model)
-        else:
-            assert model == compiled, (kind, compiled, model)
+            assert model <= compiled + 16384, (kind, compiled, model)
+        else:  # triton 3.9: equal; 3.6: the hybrid pass 2 KiB more
+            assert model <= compiled, (kind, compiled, model)
 
 
 @pytest.mark.parametrize("shape", SHAPES[::2], ids=lambda s: s.label())

@@ -222,7 +222,7 @@ def test_smem_model_decides_what_runs():
         cfg = launch.pick_fused_config(64, 32768, d, bf16, interpret=False, same_kv=same)
         assert cfg is not None and launch.config_fits(cfg, d, bf16, same), (d, same, cfg)
         for kind in launch.passes(cfg, d):
-            assert launch.smem_bytes(kind, cfg, d, 2, same) <= launch.SMEM_LIMIT
+            assert launch.smem_bytes(kind, cfg, d, 2, same) + launch.SMEM_MARGIN <= launch.SMEM_LIMIT
         assert launch.fused_supported(d, bf16, same)
     # The old C <= 1024 rule admitted this: the dQ pass with 64-key tiles needs 266,240 B at C = 1024.
     old = launch.FusedConfig(32, 64, 256, num_stages=2, bwd_block_n=16, bwd_num_stages=1, bwd_fused_dq=False)
@@ -559,3 +559,16 @@ def test_bench_row_failures_are_caught_backward_included(tmp_path):
     assert [r["impl"] for r in rows] == ["eager", "broken"] and seen == rows
     assert "error" not in rows[0] and "shared memory" in rows[1]["error"]
     assert "FAILED" in bench.format_table(rows)
+
+
+def test_backward_traffic_table():
+    """The bytes table behind the hybrid backward (README): at B=2, N'=64, N=32768, C=768 bf16,
+    K is V, P and scale dS are 16.8 MB, the hybrid moves fewer DRAM bytes than the two-pass design
+    and none of its 805 MB of per-key-block Q / dO re-reads."""
+    from hilt_kernels import traffic
+
+    rows = traffic.backward_traffic(2, 64, 32768, 768)
+    two, hybrid = rows["two-pass (dK/dV + dQ)"], rows["hybrid (P, dS + GEMM)"]
+    assert "16.8 MB" in hybrid["note"] and round(two["l2_rereads"] / 1e6, 1) == 805.3
+    assert hybrid["dram"] < two["dram"] and hybrid["l2_rereads"] < two["l2_rereads"] / 50
+    assert traffic.format_table(rows).count("\n") == len(rows) + 1
