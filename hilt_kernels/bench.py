@@ -113,11 +113,12 @@ def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
     )
     if shape.width > NARROW_HEAD:  # wide single head
         variants = {
-            "m64w16": dict(block_m=64, block_n=32, num_warps=16),  # wgmma, K read once (spills a little)
-            "n32s3": dict(block_n=32, num_stages=3),
+            # the previous forward: 2 stages = one K buffer, the loop waits for its loads
+            "n64s2": dict(block_n=64 if shape.kv_same else 32, num_stages=2),
+            "m64w16": dict(block_m=64, num_warps=16),  # wgmma, K read once (spills a little)
             "2/sm": dict(programs_per_sm=2),
-            "bwd-n32s2": dict(bwd_block_n=32, bwd_num_stages=2),
-            "bwd-fused": dict(bwd_fused_dq=True),  # one pass, dQ on chip (spills)
+            "bwd-two-pass": dict(bwd_hybrid=False),  # the previous backward: dK/dV pass + dQ pass
+            "bwd-fused": dict(bwd_hybrid=False, bwd_fused_dq=True),  # one pass, dQ on chip (spills)
         }
     else:
         variants = {
