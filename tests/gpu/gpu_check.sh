@@ -78,10 +78,10 @@ else
         >> "$LOG" 2>&1 || echo "FAIL installing $d" | tee -a "$LOG"
     fi
   done
-  export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   BS_ARGS=(--warmup 2 --steps 3)
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the project without `pip install -e .` (no network)
 
 step env 25 -- "$PY" tests/gpu/collect.py env "$RES"
 step kernel_tests 80 --json "$WORK/kernel_tests.xml" -- "$PY" -m pytest -q -p no:cacheprovider -m gpu \
