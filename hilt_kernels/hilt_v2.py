@@ -247,8 +247,8 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     cast once), like a matmul under autocast; otherwise unchanged. The cast is differentiable, so
     fp32 leaves get fp32 gradients."""
     kind = q.device.type
-    if not torch.is_autocast_enabled(kind) or not q.is_floating_point():
-        return q, k, v
+    if not torch.is_autocast_enabled(kind) or not q.is_floating_point() or q.dtype == torch.float64:
+        return q, k, v  # autocast leaves float64 alone too
     dtype = torch.get_autocast_dtype(kind)
     k_cast = k.to(dtype)
     return q.to(dtype), k_cast, k_cast if v is k else v.to(dtype)
