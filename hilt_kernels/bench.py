@@ -111,8 +111,12 @@ def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
     base = pick_fused_config(
         shape.queries, shape.keys, shape.width, dtype, interpret=False, same_kv=shape.kv_same
     )
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+    programs = shape.batch * max(shape.heads, 1) * -(-shape.queries // base.block_m)
+    full_wave = max(1, sms * base.programs_per_sm // programs)  # e.g. 33 splits x 4 = 132 SMs, not 29 x 4
     if shape.width > NARROW_HEAD:  # wide single head
         variants = {
+            "wave": dict(num_splits=full_wave, bwd_num_splits=full_wave),
             # the previous forward: 2 stages = one K buffer, the loop waits for its loads
             "n64s2": dict(block_n=64 if shape.kv_same else 32, num_stages=2),
             "m64w16": dict(block_m=64, num_warps=16),  # wgmma, K read once (spills a little)
