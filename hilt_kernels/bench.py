@@ -111,13 +111,18 @@ def sweep_configs(shape: Shape, dtype: torch.dtype) -> dict[str, Callable]:
     base = pick_fused_config(
         shape.queries, shape.keys, shape.width, dtype, interpret=False, same_kv=shape.kv_same
     )
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 4
+    programs = shape.batch * max(shape.heads, 1) * -(-shape.queries // base.block_m)
+    full_wave = max(1, sms * base.programs_per_sm // programs)  # e.g. 33 splits x 4 = 132 SMs, not 29 x 4
     if shape.width > NARROW_HEAD:  # wide single head
         variants = {
-            "m64w16": dict(block_m=64, block_n=32, num_warps=16),  # wgmma, K read once (spills a little)
-            "n32s3": dict(block_n=32, num_stages=3),
+            "wave": dict(num_splits=full_wave, bwd_num_splits=full_wave),
+            # the previous forward: 2 stages = one K buffer, the loop waits for its loads
+            "n64s2": dict(block_n=64 if shape.kv_same else 32, num_stages=2),
+            "m64w16": dict(block_m=64, num_warps=16),  # wgmma, K read once (spills a little)
             "2/sm": dict(programs_per_sm=2),
-            "bwd-n32s2": dict(bwd_block_n=32, bwd_num_stages=2),
-            "bwd-fused": dict(bwd_fused_dq=True),  # one pass, dQ on chip (spills)
+            "bwd-two-pass": dict(bwd_hybrid=False),  # the previous backward: dK/dV pass + dQ pass
+            "bwd-fused": dict(bwd_hybrid=False, bwd_fused_dq=True),  # one pass, dQ on chip (spills)
         }
     else:
         variants = {
@@ -171,14 +176,91 @@ def roofline_bytes(shape: Shape, elem: int, backward: bool) -> int:
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """Max abs error over max abs reference value."""
-    return ((got.double() - want).abs().max() / want.abs().max()).item()
+    """Relative Frobenius error ||got - want|| / ||want|| in float64 (NaN stays NaN)."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def graph_ms(fn: Callable[[], object]) -> list[float] | None:
+    """[p20, p50, p80] ms of ``fn`` replayed from a CUDA graph (no launch gaps), or None off CUDA
+    or when capture fails (the reason is printed)."""
+    if not torch.cuda.is_available():
+        return None
+    import triton.testing
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up outside the graph (compiles, allocator pools)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return list(triton.testing.do_bench(graph.replay, quantiles=[0.2, 0.5, 0.8]))
+    except Exception as exc:  # capture can fail (host sync inside); the row keeps do_bench times
+        print(f"CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
+
+
+def kernel_split(fn: Callable[[], object]) -> dict[str, float]:
+    """Microseconds per GPU kernel (summed over launches) of one call of ``fn``, by torch.profiler;
+    on a CPU the top CPU ops' self time instead. The 12 largest."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    fn()  # warm
+    with profile(activities=acts) as prof:
+        fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+    split: dict[str, float] = {}
+    if on_gpu:
+        for ev in prof.events():
+            if ev.device_type == DeviceType.CUDA:
+                split[ev.name] = split.get(ev.name, 0.0) + ev.time_range.elapsed_us()
+    else:
+        for ev in prof.key_averages():
+            if ev.self_cpu_time_total > 0:
+                split[ev.key] = float(ev.self_cpu_time_total)
+    top = sorted(split.items(), key=lambda kv: -kv[1])[:12]
+    return {name: round(us, 2) for name, us in top}
+
+
+def attention_term_errors(out, q, dout, grads, ref, ref_grads, dtype) -> dict:
+    """Relative Frobenius errors of the attention terms (O = out - q, dQ - dO, dK, dV) against the
+    fp64 reference, with the floor a perfect kernel reaches on O and dQ - dO once its output is
+    rounded to ``dtype`` (the residual q, dO dwarfs the attention term at uniform softmax)."""
+    o_ref = ref.detach() - q.detach().double()
+    dq_ref = ref_grads[0] - dout.double()
+    errs = {
+        "err_O": rel_err(out.detach().double() - q.detach().double(), o_ref),
+        "err_dQ": rel_err(grads[0].double() - dout.double(), dq_ref),
+        "err_dK": rel_err(grads[1], ref_grads[1]),
+    }
+    if len(grads) > 2:
+        errs["err_dV"] = rel_err(grads[2], ref_grads[2])
+    for name, exact, residual in (("O", o_ref, q.detach()), ("dQ", dq_ref, dout)):
+        total = residual.double() + exact
+        errs[f"floor_{name}"] = rel_err(total.to(dtype).double() - residual.double(), exact)
+    return errs
 
 
 def run_shape(
-    shape: Shape, impls: dict[str, Callable], dtype: torch.dtype, device: torch.device, bw: float
+    shape: Shape,
+    impls: dict[str, Callable],
+    dtype: torch.dtype,
+    device: torch.device,
+    bw: float,
+    on_row: Callable[[dict], None] | None = None,
+    profile_impls: tuple[str, ...] = ("triton",),
 ) -> list[dict]:
-    """Measure every implementation on one shape; return one result row per implementation."""
+    """Measure every implementation on one shape; one row per implementation, each handed to
+    ``on_row`` as soon as it is measured. A failing implementation (a sweep config that does not
+    fit, an OOM) gives a row with its error, forward and backward alike, and the rest go on."""
     from hilt_kernels.reference import hilt_attention_reference
 
     on_gpu = device.type == "cuda"
@@ -202,37 +284,41 @@ def run_shape(
     elem = torch.finfo(dtype).bits // 8
     rows = []
     for name, fn in impls.items():
+        base = {"shape": shape.label(), **asdict(shape), "impl": name}
         for t in leaves:
             t.grad = None
         try:
             out = fn(q, k, v)
-        except Exception as exc:  # a sweep config may not compile (shared memory); keep going
-            if not name.startswith("triton["):
-                raise
-            print(f"{shape.label()} {name}: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        out.backward(dout)
-        err = rel_err(out.detach(), ref.detach())
-        grad_err = max(rel_err(t.grad, r) for t, r in zip(leaves, ref_grads))
-        with torch.no_grad():  # inference forward: nothing kept for a backward
-            fwd = time_ms(lambda fn=fn: fn(q, k, v), [], on_gpu)
-        fb = time_ms(lambda fn=fn: fn(q, k, v).backward(dout), leaves, on_gpu)
-        rows.append(
-            {
-                "shape": shape.label(),
-                **asdict(shape),
-                "impl": name,
+            out.backward(dout)
+            errs = attention_term_errors(out, q, dout, [t.grad for t in leaves], ref, ref_grads, dtype)
+            with torch.no_grad():  # inference forward: nothing kept for a backward
+                fwd = time_ms(lambda fn=fn: fn(q, k, v), [], on_gpu)
+                fwd_graph = graph_ms(lambda fn=fn: fn(q, k, v)) if on_gpu else None
+            fb = time_ms(lambda fn=fn: fn(q, k, v).backward(dout), leaves, on_gpu)
+            split = kernel_split(lambda fn=fn: fn(q, k, v).backward(dout)) if name in profile_impls else None
+        except Exception as exc:  # noqa: BLE001 - a row per failure, the grid goes on
+            row = {**base, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(f"{shape.label()} {name}: {row['error']}")
+            if on_gpu:
+                torch.cuda.empty_cache()
+        else:
+            row = {
+                **base,
                 "fwd_ms": fwd,
+                "fwd_graph_ms": fwd_graph,
                 "fwd_bwd_ms": fb,
                 "fwd_roofline_pct": 100 * roofline_bytes(shape, elem, False) / bw / (fwd[1] * 1e-3),
                 "fwd_bwd_roofline_pct": 100 * roofline_bytes(shape, elem, True) / bw / (fb[1] * 1e-3),
-                "max_rel_err": err,
-                "max_rel_err_grad": grad_err,
+                **errs,
+                "err_grads": max(e for key, e in errs.items() if key.startswith("err_d")),
+                "kernel_us": split,
             }
-        )
-    torch_rows = [r for r in rows if r["impl"] in TORCH_IMPLS]
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    torch_rows = [r for r in rows if r["impl"] in TORCH_IMPLS and "error" not in r]
     for r in rows:
-        if r["impl"].startswith("triton") and torch_rows:
+        if r["impl"].startswith("triton") and torch_rows and "error" not in r:
             r["speedup_fwd"] = min(t["fwd_ms"][1] for t in torch_rows) / r["fwd_ms"][1]
             r["speedup_fwd_bwd"] = min(t["fwd_bwd_ms"][1] for t in torch_rows) / r["fwd_bwd_ms"][1]
     return rows
@@ -241,14 +327,18 @@ def run_shape(
 def format_table(rows: list[dict]) -> str:
     """Human-readable table: one line per (shape, implementation)."""
     head = f"{'shape':<32} {'impl':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd %roof':>9} {'f+b %roof':>9} "
-    head += f"{'err':>8} {'grad err':>8} {'speedup':>11}"
+    head += f"{'err O':>8} {'err dQKV':>8} {'floor O':>8} {'graph ms':>9} {'speedup':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['shape']:<32} {r['impl']:<20} FAILED {r['error'][:80]}")
+            continue
         speed = f"{r['speedup_fwd']:.2f}/{r['speedup_fwd_bwd']:.2f}" if "speedup_fwd" in r else ""
+        graph = f"{r['fwd_graph_ms'][1]:.4f}" if r.get("fwd_graph_ms") else "-"
         lines.append(
             f"{r['shape']:<32} {r['impl']:<20} {r['fwd_ms'][1]:>9.4f} {r['fwd_bwd_ms'][1]:>11.4f} "
             f"{r['fwd_roofline_pct']:>9.1f} {r['fwd_bwd_roofline_pct']:>9.1f} "
-            f"{r['max_rel_err']:>8.1e} {r['max_rel_err_grad']:>8.1e} {speed:>11}"
+            f"{r['err_O']:>8.1e} {r['err_grads']:>8.1e} {r['floor_O']:>8.1e} {graph:>9} {speed:>11}"
         )
     return "\n".join(lines)
 
@@ -259,6 +349,25 @@ def out_paths(out: str, name: str) -> tuple[str, str]:
     if out.endswith(".json"):
         return out, out.removesuffix(".json") + ".txt"
     return os.path.join(out, name + ".json"), os.path.join(out, name + ".txt")
+
+
+def stream_path(out: str, name: str) -> str:
+    """The JSON-lines file rows are appended to: ``--out`` itself when it ends in .jsonl, else
+    ``DIR/name.jsonl`` (``X.jsonl`` beside an ``X.json``)."""
+    if out.endswith(".jsonl"):
+        return out
+    if out.endswith(".json"):
+        return out.removesuffix(".json") + ".jsonl"
+    return os.path.join(out, name + ".jsonl")
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    """Append one JSON line and flush it to disk (the file survives a killed process)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,8 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--impl", choices=["v2", "v1"], default="v2", help="kernel for --compile-only")
     parser.add_argument("--fp32", action="store_true", help="--compile-only: fp32 launches too")
     parser.add_argument(
-        "--out", default="kernel_bench", help="directory for the table (.txt) and .json, or a .json path"
+        "--out",
+        default="kernel_bench",
+        help="directory for the table (.txt), .json and .jsonl; or a .json path; or a .jsonl path (rows only)",
     )
+    parser.add_argument("--step", default="kernel_bench", help="the step name in the JSON lines")
+    parser.add_argument("--impls", help="comma-separated implementations to run (default: all)")
     args = parser.parse_args(argv)
     name = "kernel_bench_quick" if args.quick else "kernel_bench"
 
@@ -315,17 +428,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     bw = copy_bandwidth(device, on_gpu)
     impls = implementations(use_compile=on_gpu and not args.no_compile)
+    if args.impls:
+        impls = {k: v for k, v in impls.items() if k in args.impls.split(",")}
     shapes = gpu_shapes(args.quick) if on_gpu else cpu_shapes(args.quick)
-    rows = []
-    for shape in shapes:
-        extra = sweep_configs(shape, dtype) if args.sweep and on_gpu else {}
-        rows.extend(run_shape(shape, {**impls, **extra}, dtype, device, bw))
-        if on_gpu:
-            torch.cuda.empty_cache()
+    if args.sweep and not on_gpu:
+        print("--sweep: the tile variants are GPU configs; skipped in the interpreter")
     header = (f"device: {device_name} | torch {torch.__version__} | triton {triton.__version__} | dtype {dtype} "
               f"| copy {bw / 1e9:.0f} GB/s | times: p50 ms")  # fmt: skip
-    table = header + "\n" + format_table(rows)
-    print(table)
     payload = {
         "device": device_name,
         "interpreter": not on_gpu,
@@ -335,12 +444,29 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "copy_GBps": bw / 1e9,
         "time_stat": "ms [p20, p50, p80]",
-        "rows": rows,
     }
+    stream = stream_path(args.out, name)
+    append_jsonl(stream, {"step": args.step, "kind": "header", **payload})
+    print(header, flush=True)
+
+    def on_row(row: dict) -> None:  # appended as measured: a timeout keeps every finished row
+        append_jsonl(stream, {"step": args.step, "kind": "row", **row})
+        print(format_table([row]).splitlines()[-1], flush=True)
+
+    rows = []
+    for shape in shapes:
+        extra = sweep_configs(shape, dtype) if args.sweep and on_gpu else {}
+        rows.extend(run_shape(shape, {**impls, **extra}, dtype, device, bw, on_row=on_row))
+        if on_gpu:
+            torch.cuda.empty_cache()
+    table = header + "\n" + format_table(rows)
+    print(table)
+    payload["rows"] = rows
     print(json.dumps(payload))
-    json_path, text_path = out_paths(args.out, name)
-    write_text_atomic(text_path, table + "\n")
-    write_json_atomic(json_path, payload)
+    if not args.out.endswith(".jsonl"):  # a .jsonl --out is the only file (the GPU script's form)
+        json_path, text_path = out_paths(args.out, name)
+        write_text_atomic(text_path, table + "\n")
+        write_json_atomic(json_path, payload)
     return payload
 
 

@@ -137,6 +137,25 @@ def ptx_features(ptx: str) -> dict:
     }
 
 
+def ttgir_pipeline(ttgir: str) -> dict:
+    """What the TTGIR says about the software pipeline: the most copies of one loaded tile in
+    shared memory (``memdesc<Sx...>`` of a mutable ``local_alloc``: S buffers), and the largest
+    ``async_wait {num = W}`` (W > 0: that many cp.async groups stay in flight while the loop body
+    runs, so loads overlap compute; W = 0 everywhere: the loop waits for its loads)."""
+    bufs = [int(b) for b in re.findall(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+", ttgir)]
+    waits = [int(w) for w in re.findall(r"async_wait[^\n{]*\{num = (\d+)", ttgir)]
+    return {"pipeline_buffers": max(bufs, default=0), "async_wait_max": max(waits, default=None)}
+
+
+def pass_kind(fn_name: str, kwargs: dict) -> str | None:
+    """The ``launch.smem_bytes`` pass of a v2 launch: fwd, kv (dK/dV) or dq (dQ-only / hybrid)."""
+    if fn_name == "_fwd_kernel":
+        return "fwd"
+    if fn_name == "_bwd_kernel":
+        return "kv" if kwargs.get("WRITE_KV") else "dq"
+    return None
+
+
 def kernel_row(fn, args, kwargs, arch: int, case: str, dtype: torch.dtype) -> dict:
     """Compile one launch and describe it."""
     kernel = compile_like_jit(fn, args, kwargs, arch)
@@ -149,6 +168,7 @@ def kernel_row(fn, args, kwargs, arch: int, case: str, dtype: torch.dtype) -> di
         "shared_bytes": kernel.metadata.shared,
         **ptxas_usage(ptx, arch),
         **ptx_features(ptx),
+        **ttgir_pipeline(kernel.asm.get("ttgir", "")),
         **tiles,
     }
 
@@ -183,6 +203,7 @@ def format_rows(payload: dict) -> str:
         tiles = " ".join(f"{k}={v}" for k, v in r.items() if k.startswith(("BLOCK", "NC", "num_", "WRITE")))
         lines.append(
             f"{r['kernel']:<20} {r['case']:<28} {r['dtype']:<5} regs={r['registers']} "
-            f"spill={r['spill_bytes']}B smem={r['shared_bytes']} {feats} {tiles}"
+            f"spill={r['spill_bytes']}B smem={r['shared_bytes']} bufs={r.get('pipeline_buffers')} "
+            f"wait={r.get('async_wait_max')} {feats} {tiles}"
         )
     return "\n".join(lines)

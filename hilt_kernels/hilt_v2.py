@@ -20,6 +20,7 @@ interpreter (``TRITON_INTERPRET=1``, fp32 / fp16 only).
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -32,7 +33,6 @@ from hilt_kernels.launch import (
     FusedConfig,
     dot_precision,
     fa2_num_splits,
-    fused_supported,
     launch,
     num_sms,
     pick_fused_config,
@@ -164,7 +164,13 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def forward_splits(cfg: FusedConfig, bh: int, m: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys_per_split) of the forward: FA2 heuristic unless the config fixes it."""
+    """(splits, keys_per_split) of the forward: FA2 heuristic unless the config fixes it. Cached
+    per (config, shape, device): the host decides once per shape, not per call."""
+    return _forward_splits(cfg, bh, m, n, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_splits(cfg: FusedConfig, bh: int, m: int, n: int, device: torch.device) -> tuple[int, int]:
     programs = bh * triton.cdiv(m, cfg.block_m)
     want = cfg.num_splits or fa2_num_splits(
         programs, num_sms(device) * cfg.programs_per_sm, triton.cdiv(n, cfg.block_n)
@@ -215,6 +221,7 @@ class _HiltAttentionV2(torch.autograd.Function):
     """Autograd wrapper; ``v=None`` means K is V and a single gradient (dK + dV) is returned."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, q, k, v, scale, cfg):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             out, o_attn, lse = _forward(q, k, k if v is None else v, scale, cfg)
@@ -224,6 +231,7 @@ class _HiltAttentionV2(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     @once_differentiable
     def backward(ctx, dout):
         from hilt_kernels.hilt_v2_bwd import backward
@@ -232,6 +240,18 @@ class _HiltAttentionV2(torch.autograd.Function):
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
             dq, dk, dv = backward(q, k, v, dout, o_attn, lse, ctx.scale, ctx.cfg, ctx.needs_input_grad)
         return dq, dk, dv, None, None
+
+
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast for the inputs' device type, q, k, v in the autocast dtype (k is v kept:
+    cast once), like a matmul under autocast; otherwise unchanged. The cast is differentiable, so
+    fp32 leaves get fp32 gradients."""
+    kind = q.device.type
+    if not torch.is_autocast_enabled(kind) or not q.is_floating_point() or q.dtype == torch.float64:
+        return q, k, v  # autocast leaves float64 alone too
+    dtype = torch.get_autocast_dtype(kind)
+    k_cast = k.to(dtype)
+    return q.to(dtype), k_cast, k_cast if v is k else v.to(dtype)
 
 
 def hilt_attention(
@@ -243,18 +263,20 @@ def hilt_attention(
 ) -> torch.Tensor:
     """v2 of ``q + softmax(q @ k^T * scale) @ v`` on [B, N', C] or [B, H, N', d]; differentiable.
 
-    ``scale=None`` means 1/sqrt(d). ``k is v`` reads K once and gives it one gradient. Heads wider
-    than 1024 (more than 4 chunks of 256) go to v1.
+    ``scale=None`` means 1/sqrt(d). ``k is v`` reads K once and gives it one gradient. Heads for
+    which no v2 config fits in shared memory (``launch.pick_fused_config`` returns None) go to v1.
+    Under autocast the inputs are cast to the autocast dtype first (``autocast_inputs``).
     """
+    q, k, v = autocast_inputs(q, k, v)
     check_inputs(q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     d = q.shape[-1]
-    if not fused_supported(d) and config is None:
+    cfg = config or pick_fused_config(q.shape[-2], k.shape[-2], d, q.dtype, same_kv=same_data(k, v))
+    if cfg is None:  # no v2 config fits in shared memory (``launch.config_fits``): v1
         from hilt_kernels.hilt_v1 import hilt_attention as v1
 
         return v1(q, k, v, scale=scale)
-    cfg = config or pick_fused_config(q.shape[-2], k.shape[-2], d, q.dtype, same_kv=same_data(k, v))
     if cfg.chunks(d) > MAX_CHUNKS:
         raise ValueError(
             f"hilt_attention v2: C={d} needs {cfg.chunks(d)} chunks of {cfg.block_d}, max {MAX_CHUNKS}"

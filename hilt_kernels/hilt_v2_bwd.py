@@ -24,11 +24,14 @@ key split's part in fp32 on chip (same chunks as the forward), writes one partia
 sums the partials (like the forward's combine). So per key block K (= V) is read once, dK written
 once, and P, dS never leave the chip (v1 wrote both to memory for C = 768).
 
-Q and dO (M x C) are read per key block when C is wide (they stay in L2: 2 x 96 KiB at C = 768);
-for narrow heads (one chunk <= 128 wide) they are loaded once per program. More than BLOCK_M
+In the dK/dV pass Q and dO (M x C) are read per key block when C is wide (from L2: 2 x 96 KiB at
+C = 768); for narrow heads (one chunk <= 128 wide), and in the dQ-only / hybrid pass (no dK, dV
+on chip), they are loaded once per program, so only the K (V) tiles are pipelined. More than BLOCK_M
 queries: the host runs the kernel per query block and sums dK, dV in fp32 (exact: every query row
 contributes its own term).
 """
+
+import functools
 
 import torch
 import triton
@@ -48,21 +51,22 @@ from hilt_kernels.split_combine import LOG2E
 
 
 def _bwd_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQp,  # Lse, Delta [BH, M]; DK, DV [BH, N, D]; DQp [S, BH, M, D] fp32
+    Q, K, V, DO, Lse, Delta, DK, DV, DQp, PDS,  # Lse, Delta [BH, M]; DK, DV [BH, N, D]; DQp [S, BH, M, D] fp32
     qk_scale, scale, M_Q, N_K, H, keys_per_split,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sdb, sdh, sdm, sdd,
     HEAD_DIM: tl.constexpr, SAME_KV: tl.constexpr, SUM_KV: tl.constexpr, WRITE_KV: tl.constexpr,
-    WRITE_DQ: tl.constexpr, NC: tl.constexpr, RESIDENT: tl.constexpr,
+    WRITE_DQ: tl.constexpr, WRITE_PDS: tl.constexpr, NC: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key split x one query block, all of C: dK, dV of its key blocks and/or its dQ partial.
 
     WRITE_KV needs all queries in the block (grid axis 0 of size 1); WRITE_DQ alone takes any
-    number of query blocks.
+    number of query blocks. WRITE_PDS (the hybrid backward) also stores P and scale * dS of every
+    (query, key) pair once, in the input dtype, to PDS [BH, 2, M, N]: dK, dV are then one GEMM.
     """
     pid_m = tl.program_id(0)  # fastest: the query blocks sharing a key range run together (L2)
     pid_s = tl.program_id(1)
@@ -95,9 +99,18 @@ def _bwd_kernel(
         md3 = offs_d + 3 * BLOCK_D < HEAD_DIM
         mq3 = mask_m[:, None] & md3[None, :]
         dq3 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if RESIDENT:  # one narrow chunk: Q and dO stay on chip for the whole key loop
+    if RESIDENT:  # Q and dO loaded once, on chip for the whole key loop (narrow, or no dK/dV)
         q0 = tl.load(q_ptr, mask=mq0, other=0.0)
         do0 = tl.load(do_ptr, mask=mq0, other=0.0)
+        if NC > 1:
+            q1 = tl.load(q_ptr + BLOCK_D * sqd, mask=mq1, other=0.0)
+            do1 = tl.load(do_ptr + BLOCK_D * sdd, mask=mq1, other=0.0)
+        if NC > 2:
+            q2 = tl.load(q_ptr + 2 * BLOCK_D * sqd, mask=mq2, other=0.0)
+            do2 = tl.load(do_ptr + 2 * BLOCK_D * sdd, mask=mq2, other=0.0)
+        if NC > 3:
+            q3 = tl.load(q_ptr + 3 * BLOCK_D * sqd, mask=mq3, other=0.0)
+            do3 = tl.load(do_ptr + 3 * BLOCK_D * sdd, mask=mq3, other=0.0)
 
     start = pid_s * keys_per_split
     end = tl.minimum(start + keys_per_split, N_K)
@@ -123,8 +136,9 @@ def _bwd_kernel(
                 v1 = k1
             else:
                 v1 = tl.load(v_ptr + BLOCK_D * svd, mask=mask_n[:, None] & md1[None, :], other=0.0)
-            q1 = tl.load(q_ptr + BLOCK_D * sqd, mask=mq1, other=0.0)
-            do1 = tl.load(do_ptr + BLOCK_D * sdd, mask=mq1, other=0.0)
+            if not RESIDENT:
+                q1 = tl.load(q_ptr + BLOCK_D * sqd, mask=mq1, other=0.0)
+                do1 = tl.load(do_ptr + BLOCK_D * sdd, mask=mq1, other=0.0)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
         if NC > 2:
@@ -133,8 +147,9 @@ def _bwd_kernel(
                 v2 = k2
             else:
                 v2 = tl.load(v_ptr + 2 * BLOCK_D * svd, mask=mask_n[:, None] & md2[None, :], other=0.0)
-            q2 = tl.load(q_ptr + 2 * BLOCK_D * sqd, mask=mq2, other=0.0)
-            do2 = tl.load(do_ptr + 2 * BLOCK_D * sdd, mask=mq2, other=0.0)
+            if not RESIDENT:
+                q2 = tl.load(q_ptr + 2 * BLOCK_D * sqd, mask=mq2, other=0.0)
+                do2 = tl.load(do_ptr + 2 * BLOCK_D * sdd, mask=mq2, other=0.0)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
             dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
         if NC > 3:
@@ -143,8 +158,9 @@ def _bwd_kernel(
                 v3 = k3
             else:
                 v3 = tl.load(v_ptr + 3 * BLOCK_D * svd, mask=mask_n[:, None] & md3[None, :], other=0.0)
-            q3 = tl.load(q_ptr + 3 * BLOCK_D * sqd, mask=mq3, other=0.0)
-            do3 = tl.load(do_ptr + 3 * BLOCK_D * sdd, mask=mq3, other=0.0)
+            if not RESIDENT:
+                q3 = tl.load(q_ptr + 3 * BLOCK_D * sqd, mask=mq3, other=0.0)
+                do3 = tl.load(do_ptr + 3 * BLOCK_D * sdd, mask=mq3, other=0.0)
             s = tl.dot(q3, tl.trans(k3), s, input_precision=PRECISION)
             dp = tl.dot(do3, tl.trans(v3), dp, input_precision=PRECISION)
 
@@ -153,6 +169,10 @@ def _bwd_kernel(
         ds = p * (dp - delta[:, None]) * scale  # scale folded in: dS here is scale * dS
         p_lo = p.to(k0.dtype)
         ds_lo = ds.to(k0.dtype)
+        if WRITE_PDS:  # [P; scale dS] of this key block, written once
+            pds_ptr = PDS + (pid_bh.to(tl.int64) * 2 * M_Q + offs_m)[:, None] * N_K + offs_n[None, :]
+            tl.store(pds_ptr, p_lo.to(PDS.dtype.element_ty), mask=valid)
+            tl.store(pds_ptr + M_Q * N_K, ds_lo.to(PDS.dtype.element_ty), mask=valid)
         p_t = tl.trans(p_lo)
         ds_t = tl.trans(ds_lo)
 
@@ -235,8 +255,15 @@ def _bwd_kernel(
             tl.store(dq_ptr + 3 * BLOCK_D, dq3, mask=mq3)
 
 
+def dq_from_parts(do: torch.Tensor, dq_attn: torch.Tensor) -> torch.Tensor:
+    """dQ = dO + the attention term (fp32, summed over key splits), in the input dtype. A function
+    of its own so that tests can read the fp32 attention term, which bf16 rounding of dQ hides."""
+    return (do.float() + dq_attn).to(do.dtype)
+
+
+@functools.lru_cache(maxsize=1024)
 def _splits(cfg: FusedConfig, programs: int, n: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys_per_split): FA2 heuristic unless the config fixes the backward split."""
+    """(splits, keys_per_split): FA2 heuristic unless the config fixes the backward split; cached."""
     want = cfg.bwd_num_splits or fa2_num_splits(
         programs, num_sms(device) * cfg.programs_per_sm, triton.cdiv(n, block_n)
     )
@@ -244,17 +271,17 @@ def _splits(cfg: FusedConfig, programs: int, n: int, block_n: int, device: torch
 
 
 def _launch_bwd(q, k, v, do, lse, delta, dk, dv, dq_part, scale, cfg, *, grid, keys_per_split, write_kv,
-                write_dq, sum_kv, block_m, block_n, num_warps, num_stages):  # fmt: skip
+                write_dq, sum_kv, block_m, block_n, num_warps, num_stages, pds=None):  # fmt: skip
     d = q.shape[-1]
     nc = cfg.chunks(d)
     launch(
         _bwd_kernel,
         grid,
-        q, k, v, do, lse, delta, dk, dv, dq_part,
+        q, k, v, do, lse, delta, dk, dv, dq_part, dq_part if pds is None else pds,
         scale * LOG2E, scale, q.shape[2], k.shape[2], q.shape[1], keys_per_split,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         HEAD_DIM=d, SAME_KV=same_data(k, v), SUM_KV=sum_kv, WRITE_KV=write_kv, WRITE_DQ=write_dq,
-        NC=nc, RESIDENT=nc == 1 and cfg.block_d <= 128,
+        WRITE_PDS=pds is not None, NC=nc, RESIDENT=(nc == 1 and cfg.block_d <= 128) or not write_kv,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=cfg.block_d,
         NUM_STAGES=num_stages, PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
@@ -264,9 +291,10 @@ def _launch_bwd(q, k, v, do, lse, delta, dk, dv, dq_part, scale, cfg, *, grid, k
 def backward(q, k, v, dout, o_attn, lse, scale, cfg: FusedConfig, needs_input_grad):
     """(dq, dk, dv) on [B, H, M, D]; ``v is None`` means K is V and dk holds dK + dV (dv None).
 
-    ``cfg.bwd_fused_dq``: one pass (dQ accumulated on chip beside dK, dV; K read once). Otherwise
-    (the wide-head GPU default, where [M, C] fp32 of dQ does not fit in registers beside the rest)
-    a dK/dV pass, then a dQ-only pass over the keys with forward-sized query blocks.
+    ``cfg.bwd_hybrid`` (the wide-head GPU default): ``_hybrid``, one pass writing P, scale dS and
+    the dQ partials, then dK (+ dV) by one GEMM. ``cfg.bwd_fused_dq``: one pass (dQ accumulated on
+    chip beside dK, dV; K read once; narrow heads). Otherwise a dK/dV pass, then a dQ-only pass
+    over the keys with forward-sized query blocks.
     """
     aliased = v is None
     v_eff = k if aliased else v
@@ -282,6 +310,8 @@ def backward(q, k, v, dout, o_attn, lse, scale, cfg: FusedConfig, needs_input_gr
     fused_dq = cfg.bwd_fused_dq and want_q and write_kv  # no dK, dV wanted: the dQ-only pass
     kv_block_m = min(cfg.kv_block_m, triton.next_power_of_2(max(m, 16)))
     dk = dv = None
+    if cfg.bwd_hybrid and write_kv:
+        return _hybrid(q, k, v_eff, do, lse, delta, scale, cfg, aliased, want_q, want_k, want_v)
     dq_acc = torch.zeros((bsz, heads, m, d), dtype=torch.float32, device=q.device) if fused_dq else None
     if write_kv:  # dK, dV need every query of a key block in one program: query chunks on the host
         splits, per = _splits(cfg, bh, n, cfg.bwd_block_n, q.device)
@@ -315,5 +345,33 @@ def backward(q, k, v, dout, o_attn, lse, scale, cfg: FusedConfig, needs_input_gr
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         dq_acc = dq_part.sum(0).view(bsz, heads, m, d)
-    dq = (do.float() + dq_acc).to(q.dtype) if want_q else None
+    dq = dq_from_parts(do, dq_acc) if want_q else None
     return dq, dk if want_k else None, dv if want_v else None
+
+
+def _hybrid(q, k, v, do, lse, delta, scale, cfg: FusedConfig, aliased, want_q, want_k, want_v):
+    """Hybrid backward: one pass over the keys (forward-sized tiles, any number of query blocks)
+    writes the dQ partials and [P; scale dS] once in the input dtype; dK (+ dV) is one batched GEMM
+    over the 2M rows: K is V: dK = [P; scale dS]^T [dO; Q]; else dV = P^T dO, dK = (scale dS)^T Q.
+    Moves 2 x M x N elements out and back instead of re-reading Q and dO for every key block."""
+    bsz, heads, m, d = q.shape
+    n = k.shape[2]
+    bh = bsz * heads
+    n_m = triton.cdiv(m, cfg.block_m)
+    splits, per = _splits(cfg, bh * n_m, n, cfg.block_n, q.device)
+    dq_part = _empty((splits, bh, m, d), torch.float32, q.device)
+    pds = _empty((bh, 2, m, n), q.dtype, q.device)
+    _launch_bwd(
+        q, k, v, do, lse, delta, dq_part, dq_part, dq_part, scale, cfg,
+        grid=(n_m, splits, bh), keys_per_split=per, write_kv=False, write_dq=True, sum_kv=False,
+        block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        pds=pds,
+    )  # fmt: skip
+    dq = dq_from_parts(do, dq_part.sum(0).view(bsz, heads, m, d)) if want_q else None
+    rows = torch.cat([do, q], dim=2).reshape(bh, 2 * m, d)  # [dO; Q], matching [P; scale dS]
+    if aliased:
+        dk = torch.bmm(pds.view(bh, 2 * m, n).transpose(1, 2), rows).view(bsz, heads, n, d)
+        return dq, dk if want_k else None, None
+    dv = torch.bmm(pds[:, 0].transpose(1, 2), rows[:, :m]).view(bsz, heads, n, d) if want_v else None
+    dk = torch.bmm(pds[:, 1].transpose(1, 2), rows[:, m:]).view(bsz, heads, n, d) if want_k else None
+    return dq, dk, dv

@@ -27,8 +27,9 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or interpreting()
 
 
+@functools.lru_cache(maxsize=16)
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 4 stands in for the interpreter."""
+    """Streaming multiprocessors of a CUDA device (cached per device); 4 stands in for the interpreter."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -178,6 +179,8 @@ def same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 MAX_CHUNKS = 4  # the v2 kernels hold up to 4 C chunks (acc0..acc3): C <= 4 * 256 = 1024
+SMEM_LIMIT = 232448  # sm_90 (H100 / H200): 227 KiB of shared memory per block at most
+SMEM_MARGIN = 4096  # triton 3.6 (the GPU image's) allocates up to 2 KiB more than ``smem_bytes``
 
 
 @dataclass(frozen=True)
@@ -197,43 +200,141 @@ class FusedConfig:
     programs_per_sm: int = 1  # resident programs per SM the split heuristic assumes
     num_splits: int | None = None
     bwd_num_splits: int | None = None
+    # Hybrid backward (wide heads): one pass over the keys writes P and scale*dS once (input dtype)
+    # and the dQ partials; dK (+ dV) is then one batched GEMM. Replaces the dK/dV pass.
+    bwd_hybrid: bool = False
 
     def chunks(self, d: int) -> int:
         return triton.cdiv(d, self.block_d)
 
 
-def fused_supported(d: int) -> bool:
-    """v2 covers heads up to 4 chunks of 256 (C <= 1024)."""
-    return d <= MAX_CHUNKS * 256
+def _buffers(block_m: int, stages: int) -> int:
+    """Shared-memory copies of a pipelined load: Triton keeps ``stages`` buffers when the dot runs
+    on wgmma (64-row tiles) and ``stages - 1`` (at least 1) for mma.sync (seen in the TTGIR on
+    sm_90, triton 3.9: C768 forward ``memdesc<1x64x256>`` at 2 stages, ``<2x32x256>`` at 3;
+    12 x 64 forward ``<3x64x64>`` at 3)."""
+    return stages if block_m >= 64 else max(stages - 1, 1)
+
+
+def smem_bytes(kind: str, cfg: FusedConfig, d: int, elem: int, same_kv: bool, m: int = 64) -> int:
+    """Shared memory one v2 pass needs on sm_90, from its tiles (the model behind ``fused_supported``).
+
+    ``kind``: ``fwd`` (forward key loop), ``dq`` (dQ-only / hybrid P, dS pass: Q and dO on chip
+    beside the K pipeline), ``kv`` (the dK/dV pass). Operands held in shared memory: the Q (and
+    dO) chunks for the whole loop, ``_buffers`` copies of the K (and V) tile, and the P tile the
+    second product reads. Equals the compiled ``shared`` of the wide forward and dQ / hybrid passes
+    on triton 3.9 (``tests/test_kernel_compile.py``) and bounds the dK/dV and narrow passes from
+    above; triton 3.6 compiled the C = 768 hybrid pass 2 KiB larger (hence ``SMEM_MARGIN``).
+    """
+    cp = cfg.chunks(d) * cfg.block_d  # C padded to whole chunks
+    kv = 1 if same_kv else 2
+    if kind in ("fwd", "dq"):
+        bm, bn, stages = cfg.block_m, cfg.block_n, cfg.num_stages
+        rows_on_chip = bm if kind == "fwd" else 2 * bm  # Q (+ dO)
+        return elem * (rows_on_chip * cp + _buffers(bm, stages) * kv * bn * cp + bm * bn)
+    if kind != "kv":
+        raise ValueError(f"smem_bytes: unknown pass {kind!r}")
+    bm, bn, stages = min(cfg.kv_block_m, pow2(m)), cfg.bwd_block_n, cfg.bwd_num_stages
+    bufs = _buffers(bm, stages)
+    if cfg.chunks(d) == 1 and cfg.block_d <= NARROW_HEAD:  # Q, dO resident; P^T, dS^T tiles
+        return elem * (2 * bm * cp + bufs * kv * bn * cp + 2 * bm * bn)
+    if stages == 1:  # Q, dO chunks reloaded per key block: a few chunk-sized tiles live at a time
+        return elem * (4 * bm * cfg.block_d + 2 * kv * bn * cfg.block_d + 2 * bm * bn)
+    # Pipelined reloads of Q and dO (loop-invariant addresses) are multi-buffered too.
+    return elem * (bufs * (2 * bm * cp + kv * bn * cp) + 2 * bm * bn)
+
+
+def passes(cfg: FusedConfig, d: int) -> tuple[str, ...]:
+    """The v2 passes a training step with ``cfg`` launches (forward + backward), for ``smem_bytes``."""
+    if cfg.bwd_hybrid:
+        return ("fwd", "dq")
+    return ("fwd", "kv") if cfg.bwd_fused_dq else ("fwd", "kv", "dq")
+
+
+def config_fits(cfg: FusedConfig, d: int, dtype: torch.dtype, same_kv: bool, m: int = 64) -> bool:
+    """Every pass of ``cfg`` fits the sm_90 shared-memory limit (with ``SMEM_MARGIN`` to spare) and C
+    fits in ``MAX_CHUNKS`` chunks."""
+    if cfg.chunks(d) > MAX_CHUNKS:
+        return False
+    elem = torch.empty((), dtype=dtype).element_size()
+    return all(smem_bytes(k, cfg, d, elem, same_kv, m) + SMEM_MARGIN <= SMEM_LIMIT for k in passes(cfg, d))
+
+
+def fused_supported(d: int, dtype: torch.dtype = torch.bfloat16, same_kv: bool = True, m: int = 64) -> bool:
+    """v2 runs this head: some config ``pick_fused_config`` would try fits in shared memory (GPU)."""
+    return pick_fused_config(m, 4096, d, dtype, interpret=False, same_kv=same_kv) is not None
+
+
+def _wide_candidates(block_m: int, block_d: int, same_kv: bool, m: int, d: int) -> list[FusedConfig]:
+    """Wide-head (bf16 / fp16) configs, best first: the first that fits is used.
+
+    Forward: 32-row query blocks (mma.sync, 167 registers, no spills), 3 stages so that two K
+    buffers alternate: the next key block's cp.async stays in flight while the current one is used
+    (TTGIR ``async_wait {num = 3}`` in the loop; 2 stages compile to one buffer and
+    ``async_wait {num = 0}``, no overlap). Backward: the hybrid when P and dS (2 x M x N) are
+    smaller than K (C x N), else the two-pass dK/dV + dQ. Smaller key tiles follow for wider heads.
+    """
+    hybrid = 2 * m <= d
+    first = 32 if same_kv else 16
+    out = []
+    for bn, stages in ((first, 3), (16, 3), (first, 2), (16, 2)):  # pipelined first
+        out.append(
+            FusedConfig(
+                min(block_m, 32), bn, block_d, num_warps=8, num_stages=stages,
+                bwd_block_n=16, bwd_num_warps=8, bwd_num_stages=1, bwd_fused_dq=False, bwd_hybrid=hybrid,
+            )
+        )  # fmt: skip
+    return out
 
 
 def pick_fused_config(
     m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | None = None, same_kv: bool = True
-) -> FusedConfig:
-    """v2 tile choice. GPU rows were checked only by compiling for sm_90 (``python -m hilt_kernels.bench
-    --compile-only``: registers, spills, shared memory, cp.async / wgmma); to be tuned on a GPU.
+) -> FusedConfig | None:
+    """v2 tile choice, or None when no v2 config fits (the caller falls back to v1). Cached per
+    shape (the interpreter flag is read here, outside the cache)."""
+    return _pick_fused_config(m, d, dtype, interpreting() if interpret is None else interpret, same_kv)
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_fused_config(
+    m: int, d: int, dtype: torch.dtype, interpret: bool, same_kv: bool
+) -> FusedConfig | None:
+    """``pick_fused_config`` without the key count (no choice depends on it). GPU rows were checked only by compiling for sm_90 (``python -m hilt_kernels.bench
+    --compile-only``: registers, spills, shared memory, the TTGIR's K buffers); to be tuned on a GPU.
     Separate K and V tiles double the shared memory per key block: half the key tile."""
-    interpret = interpreting() if interpret is None else interpret
     block_m = min(64, pow2(m))
     block_d = min(pow2(d), 256)
     if interpret:  # ~1 ms per program instance: few, large programs
-        return FusedConfig(block_m, 64, block_d, num_warps=4, num_stages=1, bwd_block_n=64, bwd_num_stages=1)
-    wide = pow2(d) > NARROW_HEAD
-    if dtype == torch.float32:  # 4-byte tiles (exact fp32 dots, no tensor cores): small tiles
-        if wide:
-            return FusedConfig(
-                min(block_m, 16), 16, block_d, num_warps=8, num_stages=2, bwd_block_n=16, bwd_num_stages=1,
-                bwd_fused_dq=False, kv_block_m=16,
-            )  # fmt: skip
-        return FusedConfig(block_m, 32, block_d, 8, 3, bwd_block_n=16, bwd_num_warps=8)
-    if wide:  # C = 768: three 256-wide chunks of Q, K (= V) and acc; see kernels/README.md
+        if pow2(d) > MAX_CHUNKS * 256:
+            return None
+        hybrid = pow2(d) > NARROW_HEAD and 2 * m <= d  # as on the GPU (``_wide_candidates``)
         return FusedConfig(
-            min(block_m, 32), 64 if same_kv else 32, block_d, num_warps=8, num_stages=2,
-            bwd_block_n=16, bwd_num_warps=8, bwd_num_stages=1, bwd_fused_dq=False,
-        )  # fmt: skip
-    return FusedConfig(block_m, 64, block_d, num_warps=4, num_stages=3, bwd_block_n=64, bwd_num_warps=4)
+            block_m,
+            64,
+            block_d,
+            num_warps=4,
+            num_stages=1,
+            bwd_block_n=64,
+            bwd_num_stages=1,
+            bwd_hybrid=hybrid,
+        )
+    wide = pow2(d) > NARROW_HEAD
+    if dtype == torch.float32 and wide:  # 4-byte tiles (exact fp32 dots, no tensor cores): small tiles
+        fp32 = dict(
+            num_warps=8, num_stages=2, bwd_block_n=16, bwd_num_stages=1, bwd_fused_dq=False, kv_block_m=16
+        )
+        cands = [FusedConfig(min(block_m, 16), 16, block_d, **fp32)]
+    elif dtype == torch.float32:
+        cands = [FusedConfig(block_m, 32, block_d, 8, 3, bwd_block_n=16, bwd_num_warps=8)]
+    elif wide:  # C = 768: three 256-wide chunks of Q, K (= V) and acc; see hilt_kernels/README.md
+        cands = _wide_candidates(block_m, block_d, same_kv, m, d)
+    else:  # bwd 3 stages: 3 K buffers, ``async_wait {num >= 1}`` (2 stages: 2 buffers, num = 0)
+        narrow = dict(num_warps=4, num_stages=3, bwd_block_n=64, bwd_num_warps=4, bwd_num_stages=3)
+        cands = [FusedConfig(block_m, 64, block_d, **narrow)]
+    return next((c for c in cands if config_fits(c, d, dtype, same_kv, m)), None)
 
 
+@functools.lru_cache(maxsize=1024)
 def fa2_num_splits(programs: int, slots: int, key_blocks: int, max_splits: int = 128) -> int:
     """FlashAttention-2's split heuristic: the fewest key splits whose wave efficiency is within
     85 % of the best, so that ``programs * splits`` fills ``slots`` (SMs x programs per SM).

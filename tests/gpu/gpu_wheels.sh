@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Build the wheel folders that the GPU machine (device tool) lacks, in the project root; run it
 # here (it needs PyPI), then carry the folders to the device with tests/gpu/gpu_check.sh.
-#   .whl/       deepspeed (built here: PyPI has only its source), its missing deps, webdataset,
-#               nibabel, zstandard, rich (the trainer's log), pytest                  (~17 MB)
+#   .whl/       deepspeed (built here: PyPI has only its source), its deps the image lacks (hjson,
+#               pydantic and its own), webdataset + braceexpand, nibabel, zstandard     (~14 MB)
 #   .whl_bnb/   bitsandbytes (CUDA 13 kernels included)                             (~43 MB)
 #   .whl_eval/  what evaluation imports: pycocoevalcap without its Java jars (BLEU, ROUGE-L and
 #               CIDEr-D are Python; METEOR and the PTB tokenizer need Java, which the GPU image
 #               lacks, so they are reported unavailable anyway), rouge-score + nltk      (~3 MB)
-# The travelling tree is capped at 64 MiB: check `du -sh .whl*` before carrying all three.
+# Only what the GPU image lacks (/work/.library/device/KINDS.md lists its packages): pytest,
+# pluggy, iniconfig, rich, pygments, absl-py, joblib, click are there and are NOT carried (a
+# carried copy would shadow the image's). tests/gpu/gpu_check.sh needs .whl only (14 MB); the
+# travelling tree is capped at 64 MiB: carry .whl_bnb / .whl_eval only in calls that need them.
 # On the device:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
-# (tests/gpu/gpu_check.sh does this for every folder it finds).
+# (tests/gpu/gpu_check.sh does this for .whl and .whl_bnb when carried).
 # Checked on an H100 (torch 2.11+cu130) by the founding team: DeepSpeed 0.19.8 ZeRO-2/3 bf16 with
 # "torch_adam": true, webdataset+zstd round trip, nibabel, bitsandbytes 0.50.2 nf4 forward/backward.
 set -euo pipefail
@@ -26,10 +29,9 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 python3 -m pip wheel -q --no-deps -w .whl "deepspeed==${DEEPSPEED_VERSION:-0.19.8}"
 python3 -m pip download -q --no-deps "${plat[@]}" -d .whl hjson pydantic pydantic-core annotated-types \
-  typing-inspection webdataset braceexpand nibabel zstandard rich markdown-it-py mdurl pygments \
-  pytest pluggy iniconfig
+  typing-inspection webdataset braceexpand nibabel zstandard
 python3 -m pip download -q --no-deps "${plat[@]}" -d .whl_bnb "bitsandbytes==${BNB_VERSION:-0.50.2}"
-python3 -m pip download -q --no-deps "${plat[@]}" -d .whl_eval nltk absl-py joblib click
+python3 -m pip download -q --no-deps "${plat[@]}" -d .whl_eval nltk
 python3 -m pip wheel -q --no-deps -w .whl_eval "rouge-score==0.1.2"
 # pycocoevalcap's wheel is 104 MB of Java jars: keep its Python files only.
 tmp=$(mktemp -d)
