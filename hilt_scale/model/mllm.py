@@ -273,11 +273,24 @@ def to_unit_range(hr: torch.Tensor) -> torch.Tensor:
     return hr.float()
 
 
-def encode_volumes(vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor) -> torch.Tensor:
+def lr_view(x: torch.Tensor, lr_size: Size3, mode: str = "area") -> torch.Tensor:
+    """The LR view of a [B, C, D, H, W] volume: "area" = average pooling to ``lr_size`` (adaptive,
+    anti-aliased), "trilinear" = the paper's F.interpolate (align_corners False)."""
+    if mode == "area":
+        return F.adaptive_avg_pool3d(x, tuple(lr_size))
+    if mode == "trilinear":
+        return F.interpolate(x, size=tuple(lr_size), mode="trilinear", align_corners=False)
+    raise ValueError(f"resolution.lr_view={mode!r}; expected 'area' or 'trilinear'")
+
+
+def encode_volumes(
+    vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor, lr_mode: str = "area"
+) -> torch.Tensor:
     """The visual path alone: [B, 1, D, H, W] (or [B, D, H, W]) volumes -> the connector's tokens.
 
-    The LR view is the HR volume resized (trilinear) to ``lr_size``; which ViT passes run depends
-    on the connector (``needs_hr`` / ``needs_lr``). Used by the model and the vision probe.
+    The LR view is the HR volume resized to ``lr_size`` (``lr_view``, mode ``lr_mode``); which ViT
+    passes run depends on the connector (``needs_hr`` / ``needs_lr``). Used by the model and the
+    vision probe.
     """
     device = vision.patch_embed.weight.device
     if hr.dim() == 4:
@@ -292,7 +305,7 @@ def encode_volumes(vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torc
     z_hr = z_lr = None
     hr_grid = vision.grid_of(x.shape[-3:]) if connector.needs_hr else (0, 0, 0)
     if connector.needs_lr:
-        lr = F.interpolate(x, size=tuple(lr_size), mode="trilinear", align_corners=False)
+        lr = lr_view(x, lr_size, lr_mode)
         z_lr = vision(lr)
     if connector.needs_hr:
         z_hr = vision(x)
@@ -328,7 +341,8 @@ class HiltReportModel(nn.Module):
 
     def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
         """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
-        tokens = encode_volumes(self.vision, self.connector, self.cfg.resolution.lr_size, hr)
+        res = self.cfg.resolution
+        tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
         return tokens.to(self.llm.get_input_embeddings().weight.dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
