@@ -199,3 +199,17 @@ def test_the_trainer_labels_its_phantom_at_the_lr_factor_it_uses(tmp_path):
         if f["kind"] in HR_ONLY_KINDS
     ]
     assert fills and all(v == 0.016 for v in fills), fills
+
+
+def test_a_wider_hu_window_keeps_calcium_apart_from_soft_tissue():
+    from hilt_scale.model.mllm import to_unit_range
+
+    hu = torch.tensor([[-1000, 40, 200, 800]], dtype=torch.int16)
+    paper = to_unit_range(hu)
+    assert paper[0, 2] == paper[0, 3] == 1.0  # 200 and 800 HU look the same: calcium clipped
+    wide = to_unit_range(hu, (-1000.0, 1000.0))
+    assert torch.allclose(wide, torch.tensor([[0.0, 0.52, 0.6, 0.9]]))
+    cfg = model_config(resolution="cpu-micro", overrides=["vision.hu_window=-1000,1000"])
+    assert cfg.vision.hu_window == (-1000.0, 1000.0)
+    with pytest.raises(ValueError, match="int16"):
+        to_unit_range(torch.zeros(1, 4, dtype=torch.uint8), (-1000.0, 1000.0))

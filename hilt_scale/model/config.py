@@ -43,6 +43,9 @@ class VisionConfig:
     # 3x3x3 (input channels -> stem_channels) + ReLU, max over each patch, then a linear map.
     stem: str = "patch"
     stem_channels: int = 16
+    # HU window of int16 (HU) input, mapped to [-1, 1]; the paper's [-1000, 200] clips calcium
+    # (800 HU) to 200. uint8 shards are windowed when written, so only the default applies to them.
+    hu_window: tuple[float, float] = (-1000.0, 200.0)
     # LayerNorm after the last block (the paper's ViT); false leaves token norms unequal, so a
     # token holding a strong local finding stands out in HILT's softmax (see docs/MODEL.md).
     final_norm: bool = True
@@ -378,6 +381,8 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"vision.input={v.input!r}; expected one of {VISION_INPUTS}")
     if v.stem not in VISION_STEMS:
         raise ValueError(f"vision.stem={v.stem!r}; expected one of {VISION_STEMS}")
+    if len(v.hu_window) != 2 or not v.hu_window[0] < v.hu_window[1]:
+        raise ValueError(f"vision.hu_window={v.hu_window}; expected two HU values, low < high")
     if r.lr_view not in LR_VIEWS:
         raise ValueError(f"resolution.lr_view={r.lr_view!r}; expected one of {LR_VIEWS}")
     if m.quantization not in QUANTIZATIONS:

@@ -263,12 +263,18 @@ def build_vision(cfg: ModelConfig) -> ViT3D:
     return ViT3D(cfg.vision, res.patch_size, grid(res.hr_size, res.patch_size))
 
 
-def to_unit_range(hr: torch.Tensor) -> torch.Tensor:
-    """Float volume in [0, 1]: uint8 / 255, int16 HU windowed to [-1000, 200], floats unchanged."""
+def to_unit_range(hr: torch.Tensor, window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:
+    """Float volume in [0, 1]: uint8 / 255 (windowed to HU_WINDOW when written), int16 HU windowed
+    to ``window`` (default the paper's [-1000, 200]), floats unchanged."""
     if hr.dtype == torch.uint8:
+        if tuple(window) != tuple(HU_WINDOW):
+            raise ValueError(
+                f"vision.hu_window={tuple(window)} needs HU input: uint8 shards are windowed to "
+                f"{HU_WINDOW} when written; write int16 shards (python -m shards.write --dtype int16)"
+            )
         return hr.float() / 255.0
     if hr.dtype in (torch.int16, torch.int32):
-        lo, hi = HU_WINDOW
+        lo, hi = window
         return (hr.float().clamp(lo, hi) - lo) / (hi - lo)
     return hr.float()
 
@@ -301,7 +307,7 @@ def encode_volumes(
     # dark (air, lung) and a bright (fluid, tissue) uniform patch look alike; centred, they
     # point opposite ways. Measured on the phantom: a linear probe on the ViT learns the
     # findings with centred input and stays at the majority class with [0, 1] input.
-    x = to_unit_range(hr.to(device, non_blocking=True)) * 2.0 - 1.0
+    x = to_unit_range(hr.to(device, non_blocking=True), vision.cfg.hu_window) * 2.0 - 1.0
     z_hr = z_lr = None
     hr_grid = vision.grid_of(x.shape[-3:]) if connector.needs_hr else (0, 0, 0)
     if connector.needs_lr:
