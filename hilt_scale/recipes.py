@@ -14,16 +14,13 @@ from hilt_scale.training.config import TrainConfig
 
 
 def phantom_cpu() -> TrainConfig:
-    """The main job: phantom default, tiny conv-stem ViT + random-init tiny Llama, 2-core CPU."""
+    """The main job: phantom default, tiny ViT + random-init tiny Llama, 2-core CPU (~9 min)."""
     # A random-init LLM on 192 training volumes needs a higher learning rate and many epochs
     # instead of the paper's 1e-4 / batch 4, which assume pretrained LLM weights.
-    # vit-micro-conv (local-contrast input, conv stem, no final norm) rather than the paper's
-    # vit-micro: in the vision probe it sees localized findings the paper's ViT never learns
-    # (docs/SWEEPS.md, "Vision probe, round 2"); --vision vit-micro gives the old main job.
     return TrainConfig(
         recipe="phantom-cpu",
         data=None,
-        vision="vit-micro-conv",
+        vision="vit-micro",
         connector="hilt",
         llm="llm-tiny",
         resolution="cpu-tiny",

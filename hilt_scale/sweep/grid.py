@@ -72,7 +72,7 @@ EXPERIMENT_TITLES = {
 
 # Base model and recipe per scale; the axes replace these fields.
 BASE = {
-    "cpu": {"recipe": "phantom-cpu", "vision": "vit-micro-conv", "llm": "llm-tiny", "connector": "hilt"},
+    "cpu": {"recipe": "phantom-cpu", "vision": "vit-micro", "llm": "llm-tiny", "connector": "hilt"},
     "paper": {"recipe": "ctrate-llama3-8b", "vision": "vit-base", "llm": "llama3-8b", "connector": "hilt"},
 }
 DS_CONFIGS = {"zero2": "ds_configs/zero2.json", "zero3_qlora": "ds_configs/zero3_qlora.json"}
