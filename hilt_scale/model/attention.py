@@ -25,12 +25,13 @@ def _warn_once(message: str) -> None:
 
 
 def attn_scale_value(attn_scale: str, width: int) -> float:
-    """Softmax scale: 1/sqrt(C) for ``"rsqrt"``, 1.0 for the paper's literal ``"paper"`` formula."""
-    if attn_scale == "rsqrt":
+    """Softmax scale: 1/sqrt(C) for ``"rsqrt"``, 1.0 for the paper's literal ``"paper"`` formula;
+    for ``"learned"`` the starting value of the trained temperature, 1/sqrt(C)."""
+    if attn_scale in ("rsqrt", "learned"):
         return 1.0 / math.sqrt(width)
     if attn_scale == "paper":
         return 1.0
-    raise ValueError(f"connector.attn_scale={attn_scale!r}; expected 'rsqrt' or 'paper'")
+    raise ValueError(f"connector.attn_scale={attn_scale!r}; expected 'rsqrt', 'paper' or 'learned'")
 
 
 def triton_kernel_function():
@@ -56,14 +57,31 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
+def attention_entropy(
+    q: torch.Tensor, kv: torch.Tensor, scale: float | torch.Tensor, heads: int = 1
+) -> torch.Tensor:
+    """Entropy (nats) of each query's softmax(q kv^T * scale) over the keys, averaged over batch,
+    heads and queries: log(N_keys) = uniform mixing, 0 = each query reads one key."""
+    if heads > 1:
+        q, kv = _split_heads(q, heads), _split_heads(kv, heads)
+    p = torch.softmax((q.float() @ kv.float().transpose(-1, -2)) * scale, dim=-1)
+    return -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
+
+
 def hilt_attention(
-    q: torch.Tensor, kv: torch.Tensor, scale: float, impl: str = "sdpa", heads: int = 1
+    q: torch.Tensor, kv: torch.Tensor, scale: float | torch.Tensor, impl: str = "sdpa", heads: int = 1
 ) -> torch.Tensor:
     """``q + softmax(q kv^T * scale) kv`` with the chosen implementation (eager | sdpa | triton).
 
     ``heads > 1`` splits the channels of [B, N, C] inputs into heads of C/heads, attends per head
-    and merges them again (the paper uses one head).
+    and merges them again (the paper uses one head). A tensor ``scale`` (a learned temperature)
+    scales the query inside the softmax only: ``q + [qs + softmax(qs kv^T) kv] - qs`` with
+    ``qs = q * scale``, so every implementation (the fused kernel too) runs at scale 1 and the
+    gradient reaches the temperature through ``qs``.
     """
+    if isinstance(scale, torch.Tensor):
+        qs = q * scale.to(q.dtype)
+        return q - qs + hilt_attention(qs, kv, 1.0, impl, heads)
     if heads > 1:
         b, n, c = q.shape
         out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl)

@@ -17,7 +17,10 @@ Size3 = tuple[int, int, int]
 
 CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d", "lr-only")
 ATTN_IMPLS = ("eager", "sdpa", "triton")
-ATTN_SCALES = ("rsqrt", "paper")
+ATTN_SCALES = ("rsqrt", "paper", "learned")
+VISION_INPUTS = ("window", "window+contrast")
+VISION_STEMS = ("patch", "conv")
+LR_VIEWS = ("area", "trilinear")
 QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -32,6 +35,20 @@ class VisionConfig:
     heads: int = 2
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
+    # What the ViT sees per voxel: "window" = the HU window in [-1, 1] (the paper); "window+contrast"
+    # adds a second channel, the local contrast of the windowed volume (voxel minus the mean of its
+    # 3x5x5 neighbourhood, over the neighbourhood's std + 0.05), computed on each view (HR, LR) alone.
+    input: str = "window"
+    # Token embedding: "patch" = a linear map of each flattened patch (the paper); "conv" = Conv3d
+    # 3x3x3 (input channels -> stem_channels) + ReLU, max over each patch, then a linear map.
+    stem: str = "patch"
+    stem_channels: int = 16
+    # HU window of int16 (HU) input, mapped to [-1, 1]; the paper's [-1000, 200] clips calcium
+    # (800 HU) to 200. uint8 shards are windowed when written, so only the default applies to them.
+    hu_window: tuple[float, float] = (-1000.0, 200.0)
+    # LayerNorm after the last block (the paper's ViT); false leaves token norms unequal, so a
+    # token holding a strong local finding stands out in HILT's softmax (see docs/MODEL.md).
+    final_norm: bool = True
 
 
 @dataclass(kw_only=True)
@@ -41,7 +58,8 @@ class ConnectorConfig:
     kind: str = "hilt"
     # HILT attention implementation; "triton" falls back to "sdpa" without CUDA/Triton.
     attn_impl: str = "sdpa"
-    # "rsqrt" = softmax(QK^T / sqrt(C)) V (default, see docs/MODEL.md); "paper" = literal, scale 1.
+    # "rsqrt" = softmax(QK^T / sqrt(C)) V (default, see docs/MODEL.md); "paper" = literal, scale 1;
+    # "learned" = a trained scalar temperature exp(t), t starting at log(1/sqrt(C)).
     attn_scale: str = "rsqrt"
     # Attention heads of HILT / random-queries (channels split C/heads, scale 1/sqrt(C/heads)); paper: 1.
     heads: int = 1
@@ -109,6 +127,10 @@ class ResolutionConfig:
     hr_size: Size3 = (32, 128, 128)
     lr_size: Size3 = (16, 64, 64)
     patch_size: Size3 = (4, 16, 16)
+    # How the LR view is made from the HR volume: "area" = average pooling (anti-aliased; equal to
+    # trilinear at an integer factor of 2), "trilinear" = the paper's F.interpolate (align_corners
+    # False), which at factor 4 samples 2 of every 4 voxels per axis.
+    lr_view: str = "area"
 
 
 @dataclass(kw_only=True)
@@ -127,6 +149,18 @@ class ModelConfig:
 
 VISION_PRESETS: dict[str, VisionConfig] = {
     "vit-micro": VisionConfig(name="vit-micro", width=64, depth=2, heads=2),
+    # vit-micro that sees one-voxel findings (the vision probe's default, docs/SWEEPS.md; the main
+    # job with it writes one report for every volume, docs/TRAINING.md):
+    # local-contrast input channel, conv stem, no final LayerNorm.
+    "vit-micro-conv": VisionConfig(
+        name="vit-micro-conv",
+        width=64,
+        depth=2,
+        heads=2,
+        input="window+contrast",
+        stem="conv",
+        final_norm=False,
+    ),  # fmt: skip
     "vit-tiny": VisionConfig(name="vit-tiny", width=192, depth=12, heads=3),
     "vit-small": VisionConfig(name="vit-small", width=384, depth=12, heads=6),
     "vit-base": VisionConfig(name="vit-base", width=768, depth=12, heads=12),
@@ -344,6 +378,14 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"connector.attn_impl={c.attn_impl!r}; expected one of {ATTN_IMPLS}")
     if c.attn_scale not in ATTN_SCALES:
         raise ValueError(f"connector.attn_scale={c.attn_scale!r}; expected one of {ATTN_SCALES}")
+    if v.input not in VISION_INPUTS:
+        raise ValueError(f"vision.input={v.input!r}; expected one of {VISION_INPUTS}")
+    if v.stem not in VISION_STEMS:
+        raise ValueError(f"vision.stem={v.stem!r}; expected one of {VISION_STEMS}")
+    if len(v.hu_window) != 2 or not v.hu_window[0] < v.hu_window[1]:
+        raise ValueError(f"vision.hu_window={v.hu_window}; expected two HU values, low < high")
+    if r.lr_view not in LR_VIEWS:
+        raise ValueError(f"resolution.lr_view={r.lr_view!r}; expected one of {LR_VIEWS}")
     if m.quantization not in QUANTIZATIONS:
         raise ValueError(f"llm.quantization={m.quantization!r}; expected one of {QUANTIZATIONS}")
     if m.dtype not in DTYPES:
@@ -372,6 +414,16 @@ def grid(size: Size3, patch: Size3) -> Size3:
     return tuple(s // p for s, p in zip(size, patch))  # type: ignore[return-value]
 
 
+def lr_factor(res: ResolutionConfig, hr_size: Size3 | None = None) -> int:
+    """The HR/LR ratio of a resolution (or of ``hr_size`` against its LR size), one integer for all
+    three axes: the factor of the phantom's physics labels. ValueError when it is not one."""
+    hr = tuple(hr_size or res.hr_size)
+    ratios = {h / lo for h, lo in zip(hr, res.lr_size)}
+    if len(ratios) != 1 or not next(iter(ratios)).is_integer():
+        raise ValueError(f"HR size {hr} / LR size {tuple(res.lr_size)} is not one integer factor per axis")
+    return int(next(iter(ratios)))
+
+
 def to_dict(cfg: ModelConfig) -> dict[str, Any]:
     """JSON-ready dict of a ModelConfig (tuples become lists)."""
     return dataclasses.asdict(cfg)
@@ -393,6 +445,8 @@ def from_dict(data: dict[str, Any]) -> ModelConfig:
                 k: tuple(x) if isinstance(x, list) and typing.get_origin(hints.get(k)) is tuple else x
                 for k, x in value.items()
             }
+            if key == "resolution":
+                fixed.setdefault("lr_view", "trilinear")  # configs written before lr_view existed
             unknown = set(fixed) - set(hints)
             if unknown:
                 raise KeyError(f"model config section {key!r} has unknown keys {sorted(unknown)}")

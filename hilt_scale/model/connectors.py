@@ -13,11 +13,13 @@ F is a 2-layer MLP projector (LLaVA-1.5's mlp2x_gelu) into the LLM width.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.model.attention import attn_scale_value, check_heads, hilt_attention
+from hilt_scale.model.attention import attention_entropy, attn_scale_value, check_heads, hilt_attention
 from hilt_scale.model.config import ConnectorConfig, Size3
 
 
@@ -62,14 +64,28 @@ class QueryAttentionConnector(nn.Module):
         super().__init__()
         self.attn_impl = cfg.attn_impl
         self.heads = check_heads(cfg.heads, vision_width)
-        self.scale = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
+        start = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
+        # "learned": a trained temperature, scale = exp(log_scale); otherwise a constant float.
+        self.log_scale = nn.Parameter(torch.tensor(math.log(start))) if cfg.attn_scale == "learned" else None
+        self._scale = start
+        # Set by the vision probe: record the attention entropy of each forward in ``last_entropy``.
+        self.record_entropy = False
+        self.last_entropy: float | None = None
         self.projector = make_projector(cfg, vision_width, llm_width)
+
+    @property
+    def scale(self) -> float | torch.Tensor:
+        """The softmax scale: a float, or exp(log_scale) (a tensor with grad) when learned."""
+        return self._scale if self.log_scale is None else self.log_scale.exp()
 
     def queries_for(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
         q = self.queries_for(z_hr, z_lr)
+        if self.record_entropy:
+            with torch.no_grad():
+                self.last_entropy = float(attention_entropy(q, z_hr, self.scale, self.heads))
         return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads))
 
 

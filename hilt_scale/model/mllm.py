@@ -283,21 +283,40 @@ def build_vision(cfg: ModelConfig) -> ViT3D:
     return ViT3D(cfg.vision, res.patch_size, grid(res.hr_size, res.patch_size))
 
 
-def to_unit_range(hr: torch.Tensor) -> torch.Tensor:
-    """Float volume in [0, 1]: uint8 / 255, int16 HU windowed to [-1000, 200], floats unchanged."""
+def to_unit_range(hr: torch.Tensor, window: tuple[float, float] = HU_WINDOW) -> torch.Tensor:
+    """Float volume in [0, 1]: uint8 / 255 (windowed to HU_WINDOW when written), int16 HU windowed
+    to ``window`` (default the paper's [-1000, 200]), floats unchanged."""
     if hr.dtype == torch.uint8:
+        if tuple(window) != tuple(HU_WINDOW):
+            raise ValueError(
+                f"vision.hu_window={tuple(window)} needs HU input: uint8 shards are windowed to "
+                f"{HU_WINDOW} when written; write int16 shards (python -m shards.write --dtype int16)"
+            )
         return hr.float() / 255.0
     if hr.dtype in (torch.int16, torch.int32):
-        lo, hi = HU_WINDOW
+        lo, hi = window
         return (hr.float().clamp(lo, hi) - lo) / (hi - lo)
     return hr.float()
 
 
-def encode_volumes(vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor) -> torch.Tensor:
+def lr_view(x: torch.Tensor, lr_size: Size3, mode: str = "area") -> torch.Tensor:
+    """The LR view of a [B, C, D, H, W] volume: "area" = average pooling to ``lr_size`` (adaptive,
+    anti-aliased), "trilinear" = the paper's F.interpolate (align_corners False)."""
+    if mode == "area":
+        return F.adaptive_avg_pool3d(x, tuple(lr_size))
+    if mode == "trilinear":
+        return F.interpolate(x, size=tuple(lr_size), mode="trilinear", align_corners=False)
+    raise ValueError(f"resolution.lr_view={mode!r}; expected 'area' or 'trilinear'")
+
+
+def encode_volumes(
+    vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor, lr_mode: str = "area"
+) -> torch.Tensor:
     """The visual path alone: [B, 1, D, H, W] (or [B, D, H, W]) volumes -> the connector's tokens.
 
-    The LR view is the HR volume resized (trilinear) to ``lr_size``; which ViT passes run depends
-    on the connector (``needs_hr`` / ``needs_lr``). Used by the model and the vision probe.
+    The LR view is the HR volume resized to ``lr_size`` (``lr_view``, mode ``lr_mode``); which ViT
+    passes run depends on the connector (``needs_hr`` / ``needs_lr``). Used by the model and the
+    vision probe.
     """
     device = vision.patch_embed.weight.device
     if hr.dim() == 4:
@@ -308,11 +327,11 @@ def encode_volumes(vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torc
     # dark (air, lung) and a bright (fluid, tissue) uniform patch look alike; centred, they
     # point opposite ways. Measured on the phantom: a linear probe on the ViT learns the
     # findings with centred input and stays at the majority class with [0, 1] input.
-    x = to_unit_range(hr.to(device, non_blocking=True)) * 2.0 - 1.0
+    x = to_unit_range(hr.to(device, non_blocking=True), vision.cfg.hu_window) * 2.0 - 1.0
     z_hr = z_lr = None
     hr_grid = vision.grid_of(x.shape[-3:]) if connector.needs_hr else (0, 0, 0)
     if connector.needs_lr:
-        lr = F.interpolate(x, size=tuple(lr_size), mode="trilinear", align_corners=False)
+        lr = lr_view(x, lr_size, lr_mode)
         z_lr = vision(lr)
     if connector.needs_hr:
         z_hr = vision(x)
@@ -348,7 +367,8 @@ class HiltReportModel(nn.Module):
 
     def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
         """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
-        tokens = encode_volumes(self.vision, self.connector, self.cfg.resolution.lr_size, hr)
+        res = self.cfg.resolution
+        tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
         return tokens.to(self.llm.get_input_embeddings().weight.dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

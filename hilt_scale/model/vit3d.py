@@ -1,7 +1,8 @@
 """3D Vision Transformer that encodes both the HR volume and its LR view with one set of weights.
 
 Position embeddings are learned on the HR token grid and resized (trilinear) to any other grid,
-as the HILT paper does for the LR view; attention uses torch SDPA.
+as the HILT paper does for the LR view; attention uses torch SDPA. Options beyond the paper's ViT
+(``VisionConfig``): a local-contrast input channel, a conv stem, no final LayerNorm.
 """
 
 from __future__ import annotations
@@ -57,23 +58,66 @@ def patchify(volume: torch.Tensor, patch_size: Size3) -> torch.Tensor:
     return x.reshape(b, (d // pd) * (h // ph) * (w // pw), c * pd * ph * pw)
 
 
-class ViT3D(nn.Module):
-    """Patchify a [B, C_in, D, H, W] volume into tokens and encode them; returns [B, N, width]."""
+def local_contrast(unit: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
+    """(voxel - mean of its 3x5x5 (D, H, W) neighbourhood) / (neighbourhood std + eps), per channel
+    of a [B, C, D, H, W] volume; the neighbourhood is cut at the borders (no padding counted)."""
+    pool = dict(kernel_size=(3, 5, 5), stride=1, padding=(1, 2, 2), count_include_pad=False)
+    unit = unit - unit.mean(dim=(2, 3, 4), keepdim=True)  # no change but less float32 cancellation
+    mean = F.avg_pool3d(unit, **pool)
+    var = (F.avg_pool3d(unit * unit, **pool) - mean * mean).clamp_min(0.0)
+    return (unit - mean) / (var.sqrt() + eps)
 
-    def __init__(self, cfg: VisionConfig, patch_size: Size3, hr_grid: Size3, in_channels: int = 1) -> None:
+
+def input_channels(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The ViT's input from a [B, 1, D, H, W] volume centred to [-1, 1]: itself ("window") or itself
+    plus the local contrast of its [0, 1] form ("window+contrast")."""
+    if mode == "window":
+        return x
+    if mode == "window+contrast":
+        return torch.cat([x, local_contrast((x + 1.0) * 0.5)], dim=1)
+    raise ValueError(f"vision.input={mode!r}; expected 'window' or 'window+contrast'")
+
+
+class ConvStem(nn.Module):
+    """Conv3d 3x3x3 (padding 1) + ReLU at voxel resolution, then the max of each channel over each
+    patch: [B, C_in, D, H, W] -> [B, N, channels], a one-voxel finding survives as a patch's max."""
+
+    def __init__(self, in_channels: int, channels: int, patch_size: Size3) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, channels, kernel_size=3, padding=1)
+        self.patch_size = tuple(patch_size)
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool3d(F.relu(self.conv(volume)), self.patch_size)
+        return x.flatten(2).transpose(1, 2)
+
+
+class ViT3D(nn.Module):
+    """Patchify a [B, 1, D, H, W] volume (centred to [-1, 1]) into tokens and encode them; returns
+    [B, N, width]. ``cfg.input`` adds input channels, ``cfg.stem`` picks the token embedding."""
+
+    def __init__(self, cfg: VisionConfig, patch_size: Size3, hr_grid: Size3) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_size = tuple(patch_size)
         self.hr_grid = tuple(hr_grid)
         self.width = cfg.width
-        # A linear map of each flattened patch: the same function as a Conv3d with stride = kernel,
-        # ~70x faster forward + backward on CPU (measured at batch 4, vit-micro, cpu-tiny).
-        self.patch_embed = nn.Linear(in_channels * math.prod(patch_size), cfg.width)
+        in_channels = 2 if cfg.input == "window+contrast" else 1
+        if cfg.stem == "conv":
+            self.stem = ConvStem(in_channels, cfg.stem_channels, self.patch_size)
+            self.patch_embed = nn.Linear(cfg.stem_channels, cfg.width)
+        elif cfg.stem == "patch":
+            self.stem = None
+            # A linear map of each flattened patch: the same function as a Conv3d with stride =
+            # kernel, ~70x faster forward + backward on CPU (measured at batch 4, vit-micro, cpu-tiny).
+            self.patch_embed = nn.Linear(in_channels * math.prod(patch_size), cfg.width)
+        else:
+            raise ValueError(f"vision.stem={cfg.stem!r}; expected 'patch' or 'conv'")
         n = hr_grid[0] * hr_grid[1] * hr_grid[2]
         self.pos_embed = nn.Parameter(torch.zeros(1, n, cfg.width))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
+        self.norm = nn.LayerNorm(cfg.width) if cfg.final_norm else nn.Identity()
 
     def grid_of(self, size: tuple[int, ...]) -> Size3:
         """Token grid for a volume of spatial ``size`` (D, H, W)."""
@@ -92,7 +136,8 @@ class ViT3D(nn.Module):
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         token_grid = self.grid_of(volume.shape[-3:])
-        x = self.patch_embed(patchify(volume.to(self.patch_embed.weight.dtype), self.patch_size))
+        x = input_channels(volume.to(self.patch_embed.weight.dtype), self.cfg.input)
+        x = self.patch_embed(self.stem(x) if self.stem is not None else patchify(x, self.patch_size))
         x = x + self.pos_embed_for(token_grid)
         for block in self.blocks:
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():

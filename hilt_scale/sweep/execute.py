@@ -19,18 +19,20 @@ from shards.io import read_jsonl, write_json_atomic, write_text_atomic
 
 
 def _phantom_raw(
-    data: Path, n: int, size: tuple[int, int, int], seed: int, valid_fraction: float, log
+    data: Path, n: int, size: tuple[int, int, int], seed: int, valid_fraction: float, log, lr_factor: int = 2
 ) -> Path:
-    """The phantom volumes (CT-RATE layout) under ``data``, generated once (a ``done`` marker)."""
+    """The phantom volumes (CT-RATE layout) under ``data``, generated once (a ``done`` marker), its
+    physics labels (and large-nodule sizes) at HR/LR factor ``lr_factor``."""
     from hilt_scale.training.data import cache_entry
     from shards.phantom import generate_phantom
 
-    raw = cache_entry(data, n, size, seed)
+    raw = cache_entry(data, n, size, seed, lr_factor)
     if valid_fraction != 0.2:
         raw = raw.with_name(f"{raw.name}-valid{valid_fraction:g}")
     if not (raw / "done").exists():
-        log(f"phantom: {n} volumes at {size}, seed {seed} -> {raw}")
-        generate_phantom(raw, n, size, seed, valid_fraction, workers=min(2, os.cpu_count() or 1))
+        log(f"phantom: {n} volumes at {size}, seed {seed}, lr factor {lr_factor} -> {raw}")
+        workers = min(2, os.cpu_count() or 1)
+        generate_phantom(raw, n, size, seed, valid_fraction, workers=workers, lr_factor=lr_factor)
         write_text_atomic(raw / "done", "")
     return raw
 
@@ -46,24 +48,33 @@ def _shards(raw: Path, path: Path, size: tuple[int, int, int], log) -> str:
 
 
 def build_phantom_shards(
-    out: Path, n: int, size: tuple[int, int, int], seed: int, valid_fraction: float = 0.2, log=print
+    out: Path,
+    n: int,
+    size: tuple[int, int, int],
+    seed: int,
+    valid_fraction: float = 0.2,
+    log=print,
+    lr_factor: int = 2,
 ) -> str:
     """One phantom of ``n`` volumes at HR ``size`` (D, H, W) and its shard set under ``out/data``
-    (named by n, size, seed and validation fraction); a finished part is reused."""
-    raw = _phantom_raw(out / "data", n, size, seed, valid_fraction, log)
+    (named by n, size, seed, LR factor and validation fraction); a finished part is reused."""
+    raw = _phantom_raw(out / "data", n, size, seed, valid_fraction, log, lr_factor)
     return _shards(raw, raw.with_name(f"shards-{raw.name}"), size, log)
 
 
-def prepare_phantom(out: Path, n: int, sizes: list[str], seed: int, log=print) -> tuple[dict[str, str], str]:
-    """One phantom (CT-RATE layout) for the whole sweep at the largest HR size, shards per HR size,
-    one tokenizer: {hr size: shard set}, tokenizer dir. Built once; a finished part is reused."""
+def prepare_phantom(
+    out: Path, n: int, sizes: list[str], seed: int, log=print, lr_factor: int = 2
+) -> tuple[dict[str, str], str]:
+    """One phantom (CT-RATE layout) for the whole sweep at the largest HR size, its physics labels
+    at ``lr_factor``, shards per HR size, one tokenizer: {hr size: shard set}, tokenizer dir. Built
+    once; a finished part is reused."""
     from hilt_scale.training.data import split_reports, train_tokenizer_dir
     from shards.schema import parse_size
 
     data = out / "data"
     parsed = {s: parse_size(s) for s in sizes}
     native = tuple(max(p[i] for p in parsed.values()) for i in range(3))
-    raw = _phantom_raw(data, n, native, seed, 0.2, log)
+    raw = _phantom_raw(data, n, native, seed, 0.2, log, lr_factor)
     shard_sets = {
         text: _shards(raw, data / f"shards-{'x'.join(map(str, size))}", size, log)
         for text, size in parsed.items()
@@ -84,6 +95,26 @@ def _hr_size_of(spec: RunSpec) -> str:
     return "x".join(map(str, preset("resolution", spec.resolution).hr_size))
 
 
+def sweep_lr_factor(specs: list[RunSpec], native: tuple[int, int, int], log=print) -> int:
+    """The HR/LR factor of the sweep's phantom labels: the runs' LR size against the phantom's grid
+    (``native``) when all runs share one; else 2, said in the log (one phantom cannot label several)."""
+    from hilt_scale.model.config import lr_factor, model_config
+
+    factors = set()
+    for s in specs:
+        res = model_config(
+            resolution=s.resolution, overrides=[x for x in s.sets if x.startswith("resolution.")]
+        )
+        try:
+            factors.add(lr_factor(res.resolution, native))
+        except ValueError:
+            factors.add(None)
+    if len(factors) == 1 and None not in factors:
+        return factors.pop()
+    log(f"phantom: runs use LR factors {sorted(map(str, factors))}; physics labels at factor 2")
+    return 2
+
+
 def _fmt(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
@@ -95,9 +126,12 @@ def run_sweep(
     """Run every spec that has no summary.json yet, one after another; return the status rows."""
     out.mkdir(parents=True, exist_ok=True)
     if phantom is not None:  # cpu scale: the sweep's own phantom, same data for every run
-        shard_sets, tokenizer = prepare_phantom(
-            out, phantom["n"], sorted({_hr_size_of(s) for s in specs}), phantom["seed"], log
-        )
+        from shards.schema import parse_size
+
+        sizes = sorted({_hr_size_of(s) for s in specs})
+        native = tuple(max(parse_size(z)[i] for z in sizes) for i in range(3))
+        factor = sweep_lr_factor(specs, native, log)
+        shard_sets, tokenizer = prepare_phantom(out, phantom["n"], sizes, phantom["seed"], log, factor)
         for s in specs:
             s.flags["data"] = shard_sets[_hr_size_of(s)]
             s.sets = [*s.sets, f"llm.tokenizer_path={tokenizer}"]

@@ -1,17 +1,20 @@
 """Vision probe: can a connector's visual tokens carry each phantom finding, without the LLM?
 
     python -m hilt_scale.sweep.probe --out DIR [--variants hilt,lr-only,...] [--seeds 0,1,2]
-        [--phantom-n 1500] [--phantom-seed 0] [--vision vit-micro] [--resolution cpu-tiny]
-        [--epochs 6] [--device auto]
+        [--phantom-n 1000] [--phantom-seed 0] [--vision vit-micro-conv] [--resolution cpu-tiny]
+        [--set connector.attn_scale=learned ...] [--epochs 12] [--device auto]
 
 The hr-study (``--experiment hr-study``) asks the whole model to write the findings; when a
 variant fails there, the vision path and the language side are confounded. This trains, per
 variant and seed, the same ViT and connector as the trainer (``encode_volumes``: the tokens the
 LLM would get) with a linear head on the max over tokens, directly on the phantom's per-volume
 finding kinds (multi-label BCE, one logit per kind), and reports the validation ROC AUC per kind
-and its mean over each physical group (``auc_hr_only``, ``auc_lr_visible``; 0.5 = chance). Same
-phantom (built once, as the sweep does), same budget for every variant. Per run
-``DIR/probe/NAME.json`` (rerun = resume), then ``DIR/probe_results.json`` and ``.md``.
+and its mean over each physical group (``auc_hr_only``, ``auc_lr_visible``; 0.5 = chance), and for
+the attention connectors the validation attention entropy (nats; log N_HR = uniform). Same
+phantom (built once, as the sweep does, its physics labels at the resolution's HR/LR factor),
+same budget for every variant. ``--set section.field=value`` changes the model config as the
+trainer's ``--set`` does. Per run ``DIR/probe/NAME.json`` (rerun = resume: one ``--out`` per
+configuration), then ``DIR/probe_results.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.model.config import CONNECTOR_KINDS, grid, model_config, preset
+from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config
 from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.mllm import build_vision, encode_volumes
 from hilt_scale.sweep.grid import parse_list
@@ -84,9 +87,18 @@ def load_split(shard_set: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 class VisionProbe(nn.Module):
     """ViT + connector (the trainer's visual path) + a linear head on the max over visual tokens."""
 
-    def __init__(self, vision: str, connector: str, resolution: str, llm: str = "llm-tiny") -> None:
+    def __init__(
+        self,
+        vision: str,
+        connector: str,
+        resolution: str,
+        llm: str = "llm-tiny",
+        sets: list[str] | None = None,
+    ) -> None:
         super().__init__()
-        self.cfg = model_config(vision=vision, connector=connector, llm=llm, resolution=resolution)
+        self.cfg = model_config(
+            vision=vision, connector=connector, llm=llm, resolution=resolution, overrides=sets
+        )
         width = self.cfg.llm.hidden_size
         self.vision = build_vision(self.cfg)
         self.connector = build_connector(self.cfg.connector, self.cfg.vision.width, width)
@@ -98,7 +110,8 @@ class VisionProbe(nn.Module):
         return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch))
 
     def forward(self, hr: torch.Tensor) -> torch.Tensor:
-        tokens = encode_volumes(self.vision, self.connector, self.cfg.resolution.lr_size, hr)
+        res = self.cfg.resolution
+        tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
         return self.head(tokens.float().amax(dim=1))
 
 
@@ -108,16 +121,17 @@ def run_probe(
     train: tuple[torch.Tensor, torch.Tensor],
     valid: tuple[torch.Tensor, torch.Tensor],
     *,
-    vision: str = "vit-micro",
+    vision: str = "vit-micro-conv",
     resolution: str = "cpu-tiny",
-    epochs: int = 6,
+    sets: list[str] | None = None,
+    epochs: int = 12,
     batch: int = 8,
     lr: float = 1e-3,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Train one probe, return validation AUC per kind and per group, the loss curve and the time."""
     torch.manual_seed(seed)
-    model = VisionProbe(vision, variant, resolution).to(device)
+    model = VisionProbe(vision, variant, resolution, sets=sets).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     (xt, yt), (xv, yv) = train, valid
     gen = torch.Generator().manual_seed(seed)
@@ -134,16 +148,25 @@ def run_probe(
             total += loss.item() * len(idx)
         losses.append(total / len(xt))
     model.eval()
+    attends = hasattr(model.connector, "record_entropy")
+    if attends:
+        model.connector.record_entropy = True
+    probs, entropies = [], []
     with torch.no_grad():
-        probs = torch.cat(
-            [torch.sigmoid(model(xv[b : b + batch].to(device))).cpu() for b in range(0, len(xv), batch)]
-        )
+        for b in range(0, len(xv), batch):
+            probs.append(torch.sigmoid(model(xv[b : b + batch].to(device))).cpu())
+            if attends:
+                entropies.append(model.connector.last_entropy)
+    probs = torch.cat(probs)
     per_kind = {k: roc_auc(yv[:, i].numpy(), probs[:, i].numpy()) for i, k in enumerate(KIND_NAMES)}
     out: dict[str, Any] = {"variant": variant, "seed": seed, "visual_tokens": model.visual_tokens}
     for name, kinds in GROUPS.items():
         vals = [per_kind[k] for k in kinds if not np.isnan(per_kind[k])]
         out[name] = float(np.mean(vals)) if vals else float("nan")
+    scale = getattr(model.connector, "scale", None)
     out.update(
+        attn_entropy=float(np.mean(entropies)) if entropies else None,
+        attn_scale=float(scale) if scale is not None else None,
         auc_per_kind=per_kind,
         positives={k: int(yv[:, i].sum()) for i, k in enumerate(KIND_NAMES)},
         train_loss=losses,
@@ -164,6 +187,9 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
             "visual_tokens": rs[0]["visual_tokens"],
             "seeds": [r["seed"] for r in rs],
             **{g: mean_std([r[g] for r in rs]) for g in GROUPS},
+            "attn_entropy": mean_std(
+                [r.get("attn_entropy") for r in rs if r.get("attn_entropy") is not None]
+            ),
             "auc_per_kind": {k: mean_std([r["auc_per_kind"][k] for r in rs]) for k in KIND_NAMES},
         }
     return out
@@ -176,11 +202,11 @@ def probe_markdown(summary: dict) -> str:
         return f"{d['mean']:.2f} ± {d['std']:.2f}" if d.get("n") else "n/a"
 
     short = {k: k.replace(" calcification", " calc.").replace(" effusion", " eff.") for k in KIND_NAMES}
-    head = ["variant", "visual tokens", "seeds", "AUC HR-only", "AUC LR-visible"]
+    head = ["variant", "visual tokens", "seeds", "attn entropy", "AUC HR-only", "AUC LR-visible"]
     head += [f"{short[k]}{' (HR-only)' if k in HR_ONLY_KINDS else ''}" for k in KIND_NAMES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, v in summary.items():
-        row = [variant, str(v["visual_tokens"]), str(len(v["seeds"]))]
+        row = [variant, str(v["visual_tokens"]), str(len(v["seeds"])), cell(v["attn_entropy"])]
         row += [cell(v[g]) for g in GROUPS] + [cell(v["auc_per_kind"][k]) for k in KIND_NAMES]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -192,11 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="hilt,lr-only,random-queries,all-tokens,pooled,2d")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--data", help="a phantom shard set to use instead of building one under --out")
-    p.add_argument("--phantom-n", type=int, default=1500, help="phantom volumes (10%% validation)")
+    p.add_argument("--phantom-n", type=int, default=1000, help="phantom volumes")
+    p.add_argument("--valid-fraction", type=float, default=0.2)
     p.add_argument("--phantom-seed", type=int, default=0)
-    p.add_argument("--vision", default="vit-micro")
+    p.add_argument("--vision", default="vit-micro-conv")
     p.add_argument("--resolution", default="cpu-tiny")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override a model config field, e.g. --set connector.attn_scale=learned (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
@@ -213,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from hilt_scale.sweep.execute import build_phantom_shards
 
-        hr = preset("resolution", a.resolution).hr_size
-        data = build_phantom_shards(a.out, a.phantom_n, hr, a.phantom_seed, valid_fraction=0.1)
+        res = model_config(resolution=a.resolution, overrides=a.sets).resolution
+        data = build_phantom_shards(
+            a.out, a.phantom_n, res.hr_size, a.phantom_seed, a.valid_fraction, lr_factor=lr_factor(res)
+        )
     shard_set = open_shard_set(data)
     train, valid = load_split(shard_set, "train"), load_split(shard_set, "valid")
     print(
@@ -229,14 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(json.loads(path.read_text()))
                 continue
             r = run_probe(
-                variant, seed, train, valid, vision=a.vision, resolution=a.resolution, epochs=a.epochs,
-                batch=a.batch, lr=a.lr, device=device,
+                variant, seed, train, valid, vision=a.vision, resolution=a.resolution, sets=a.sets,
+                epochs=a.epochs, batch=a.batch, lr=a.lr, device=device,
             )  # fmt: skip
-            r.update(vision=a.vision, resolution=a.resolution, data=str(data), device=device)
+            r.update(vision=a.vision, resolution=a.resolution, sets=a.sets, data=str(data), device=device)
             write_json_atomic(path, r)
             runs.append(r)
             print(
                 f"{variant} seed {seed}: AUC HR-only {r['auc_hr_only']:.3f} LR-visible {r['auc_lr_visible']:.3f} "
+                f"small nodule {r['auc_per_kind']['small nodule']:.3f} entropy {r['attn_entropy']} "
                 f"({r['seconds']:.0f} s, {r['steps']} steps)",
                 flush=True,
             )

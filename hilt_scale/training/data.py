@@ -28,12 +28,14 @@ SAMPLES_PER_SHARD = 8
 TOKENIZER_VOCAB = 2048
 
 
-def cache_entry(cache: Path, n: int, size: tuple[int, int, int], seed: int) -> Path:
+def cache_entry(cache: Path, n: int, size: tuple[int, int, int], seed: int, lr_factor: int = 2) -> Path:
     """Directory of one phantom build, named by everything that changes its content (including the
-    generator's version, so a cache built by an older phantom is never reused silently)."""
+    generator's version, so a cache built by an older phantom is never reused silently, and the
+    HR/LR factor of its physics labels when it is not 2)."""
     from shards.phantom import PHANTOM_VERSION
 
-    return cache / f"phantom-v{PHANTOM_VERSION}-n{n}-{size[0]}x{size[1]}x{size[2]}-seed{seed}"
+    name = f"phantom-v{PHANTOM_VERSION}-n{n}-{size[0]}x{size[1]}x{size[2]}-seed{seed}"
+    return cache / (name if lr_factor == 2 else f"{name}-lr{lr_factor}")
 
 
 def split_reports(path: str | Path, split: str) -> list[str]:
@@ -71,10 +73,16 @@ def train_tokenizer_dir(texts: list[str], out: Path) -> None:
 
 
 def build_default(
-    cache: Path, n: int, size: tuple[int, int, int], seed: int, log: Callable[[str], None] | None = None
+    cache: Path,
+    n: int,
+    size: tuple[int, int, int],
+    seed: int,
+    log: Callable[[str], None] | None = None,
+    lr_factor: int = 2,
 ) -> tuple[str, str]:
-    """Return (shard set, tokenizer dir) of the phantom default, building them first if absent."""
-    entry = cache_entry(cache, n, size, seed)
+    """Return (shard set, tokenizer dir) of the phantom default, building them first if absent;
+    ``lr_factor`` is the HR/LR ratio its physics labels (lr_fill, visibility) are computed at."""
+    entry = cache_entry(cache, n, size, seed, lr_factor)
     shards, tokenizer = entry / "shards", entry / "tokenizer"
     if (shards / "index.json").exists() and tokenizer.is_dir():
         return str(shards), str(tokenizer)
@@ -86,7 +94,8 @@ def build_default(
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{entry.name}."))
     try:
-        generate_phantom(tmp / "ct-rate", n, size, seed=seed, workers=min(2, os.cpu_count() or 1))
+        workers = min(2, os.cpu_count() or 1)
+        generate_phantom(tmp / "ct-rate", n, size, seed=seed, workers=workers, lr_factor=lr_factor)
         write_shards(
             tmp / "ct-rate", tmp / "shards", hr_size=size, samples_per_shard=SAMPLES_PER_SHARD, progress=False
         )
@@ -109,16 +118,20 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, local_rank: int
     With a random-init LLM preset and no tokenizer, the report tokenizer is trained on the shard
     set's training reports and kept in the run directory.
     """
+    from hilt_scale.model.config import lr_factor
     from hilt_scale.training.distributed import barrier
     from shards.schema import parse_size
 
     if cfg.data is None:
         size = parse_size(cfg.phantom_size) if cfg.phantom_size else tuple(mcfg.resolution.hr_size)
+        # The physics labels at the LR view this run uses (its LR size against the phantom's grid).
+        factor = lr_factor(mcfg.resolution, size)
         # One builder per node; the cache directory appears in one rename, so nodes never race.
         if local_rank == 0:
-            build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=print if rank == 0 else None)
+            log = print if rank == 0 else None
+            build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=log, lr_factor=factor)
         barrier()
-        return build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=None)
+        return build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=None, lr_factor=factor)
     data = str(cfg.data)
     if mcfg.llm.path or mcfg.llm.tokenizer_path:
         return data, None
