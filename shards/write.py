@@ -51,6 +51,7 @@ from shards.ingest import (
     Record,
     Summary,
     array_sha256,
+    as_data_error,
     check_name,
     check_policy,
     coverage,
@@ -155,8 +156,8 @@ def write_one_shard(job: dict) -> dict:
                     job["zstd_level"],
                     job["rescale"],
                 )
-            except DataError as e:
-                handle(e, job["on_error"], summary)
+            except Exception as e:  # the per-sample boundary: any failure is this sample's, counted
+                handle(as_data_error(e, rec.path, rec.key), job["on_error"], summary)
                 continue
             if meta["coverage"] < MIN_COVERAGE:
                 summary.flag(
@@ -389,6 +390,13 @@ def write_shards(
     for s in shards:
         splits[s["split"]] = splits.get(s["split"], 0) + s["count"]
     written = sum(splits.values())
+    if not written:  # every volume failed: no index may describe empty shards as a shard set
+        raise DataError(
+            "no_samples",
+            source if not isinstance(source, list) else "<records>",
+            "-",
+            f"found {summary.found}, none written; dropped {dict(sorted(dropped.items()))}; errors: {errors[:3]}",
+        )
     index = {
         "version": INDEX_VERSION,
         "shards": [
