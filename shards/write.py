@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -61,7 +62,7 @@ from shards.ingest import (
     preprocess,
     source_records,
 )
-from shards.io import atomic_write, write_json_atomic
+from shards.io import atomic_write, lock_dir, write_json_atomic
 from shards.schema import HU_WINDOW, parse_size
 
 INDEX_VERSION = 2  # 2: zstd frames carry a content checksum; shards list crc32 of json and txt
@@ -217,6 +218,31 @@ def _finished(out: Path, name: str, plan: str) -> dict | None:
     return info
 
 
+def _owned(out: Path) -> set[str]:
+    """Shard names this writer can prove it wrote into ``out``: a ``.parts`` entry or the old index."""
+    names = {p.name[: -len(".json")] for p in (out / PARTS_DIR).glob("*.json")}
+    try:
+        names |= {s["name"] for s in json.loads((out / "index.json").read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return names
+
+
+def _one_writer(fn):
+    """Run ``fn(source, out_dir, ...)`` holding the lock of ``out_dir`` (``shards.io.lock_dir``):
+    a second writer into the same directory is refused at once, naming the first."""
+
+    @functools.wraps(fn)
+    def locked(source, out_dir, *args, **kwargs):
+        fd = lock_dir(out_dir, "shards.write")
+        try:
+            return fn(source, out_dir, *args, **kwargs)
+        finally:
+            os.close(fd)
+
+    return locked
+
+
 def _remove_stale(out: Path, planned: set[str]) -> list[str]:
     """Remove shards (and their .parts info) that an earlier run wrote and this plan no longer has."""
     removed = []
@@ -269,6 +295,7 @@ def _check_records(records: list[Record], summary: Summary, on_error: str) -> li
     return out
 
 
+@_one_writer
 def write_shards(
     source: str | os.PathLike | list[Record],
     out_dir: str | os.PathLike,
@@ -343,8 +370,15 @@ def write_shards(
     }
     plan = plan_shards(records, samples_per_shard)
     jobs, infos = [], {}
+    owned = _owned(out)
     for name, split_name, recs in plan:
         _inside(out, name)
+        if (out / name).exists() and name not in owned:
+            raise DataError(
+                "not_ours", out / name, "-",
+                "exists but this writer did not write it (no .parts entry, not in index.json): "
+                "it is never overwritten; move it away or pick another --out",
+            )  # fmt: skip
         fingerprint = plan_hash(recs, params)
         done = _finished(out, name, fingerprint)
         if done is not None:
@@ -481,6 +515,9 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
     except DataError as e:
         print(f"shards.write: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only --out, another writer's lock
+        print(f"shards.write: writing into {a.out} failed: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
     s = index["summary"]
     print(

@@ -39,13 +39,17 @@ def _manifest(d: Path, vols: dict[str, Path], reports: dict[str, str] | None = N
 
 def _good(d: Path, n: int) -> dict[str, Path]:
     rng = np.random.default_rng(0)
-    return {f"g{i}": _nifti(d / f"g{i}.nii.gz", rng.integers(-1000, 200, HR).astype(np.int16)) for i in range(n)}
+    return {
+        f"g{i}": _nifti(d / f"g{i}.nii.gz", rng.integers(-1000, 200, HR).astype(np.int16)) for i in range(n)
+    }
 
 
 @pytest.fixture
 def shard_set(tmp_path: Path) -> Path:
     out = tmp_path / "sh"
-    write_shards(_manifest(tmp_path, _good(tmp_path, 4)), out, hr_size=HR, samples_per_shard=2, progress=False)
+    write_shards(
+        _manifest(tmp_path, _good(tmp_path, 4)), out, hr_size=HR, samples_per_shard=2, progress=False
+    )
     return out
 
 
@@ -329,3 +333,32 @@ def test_a_rank_with_no_good_sample_in_a_whole_pass_stops_counting_the_skips():
 
     with pytest.raises(DataError, match="no_good_samples"):
         Batches(Unsized()).next()
+
+
+# ---- ownership and locks ----
+
+
+def test_a_tar_the_writer_did_not_write_is_never_overwritten(tmp_path):
+    """Case 9: a user's own train-000000.tar in --out was silently overwritten."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "train-000000.tar"
+    mine.write_bytes(b"the user's own archive")
+    with pytest.raises(DataError, match="not_ours") as e:
+        _write(tmp_path, _good(tmp_path, 2))
+    assert str(mine) in str(e.value) and mine.read_bytes() == b"the user's own archive"
+
+
+def test_a_second_writer_into_the_same_out_is_refused_naming_the_first(tmp_path):
+    """Minor case: two writers into one --out interleaved their files (no lock)."""
+    from shards.io import lock_dir
+
+    fd = lock_dir(tmp_path / "out", "another writer")
+    try:
+        with pytest.raises(RuntimeError, match="in use by another writer"):
+            _write(tmp_path, _good(tmp_path, 2))
+    finally:
+        import os
+
+        os.close(fd)
+    assert _write(tmp_path, _good(tmp_path, 2))["summary"]["written"] == 2  # free again
