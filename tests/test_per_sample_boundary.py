@@ -362,3 +362,20 @@ def test_a_second_writer_into_the_same_out_is_refused_naming_the_first(tmp_path)
 
         os.close(fd)
     assert _write(tmp_path, _good(tmp_path, 2))["summary"]["written"] == 2  # free again
+
+
+def test_plane_by_plane_resampling_matches_torch_trilinear():
+    """The bounded resampler keeps the earlier torch interpolate result (to rounding)."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    for shape, out in [((20, 30, 40), (8, 16, 16)), ((5, 7, 9), (12, 13, 20)), ((9, 16, 16), (9, 16, 16))]:
+        hu = rng.uniform(-1200, 400, shape).astype(np.float32)
+        got, _ = ingest.preprocess(
+            hu[::-1].transpose(0, 2, 1)[::-1].transpose(0, 2, 1), (1, 1, 1), out, "int16"
+        )
+        ref = np.clip(hu, -1000, 200)[None, None]
+        want = torch.nn.functional.interpolate(torch.from_numpy(ref), size=out, mode="trilinear")[
+            0, 0
+        ].numpy()
+        assert np.abs(got.astype(np.float32) - want).max() <= 0.5 + 1e-3
