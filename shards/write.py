@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tarfile
 import zlib
@@ -243,6 +244,17 @@ def _one_writer(fn):
     return locked
 
 
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued shards and terminate the running workers (their temp files are removed
+    by atomic_write on the next run's plan; no shard or index is half written)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # gone after shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
 def _remove_stale(out: Path, planned: set[str]) -> list[str]:
     """Remove shards (and their .parts info) that an earlier run wrote and this plan no longer has."""
     removed = []
@@ -402,10 +414,14 @@ def write_shards(
             ctx = multiprocessing.get_context("spawn")  # torch in forked children can deadlock
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
                 futures = {pool.submit(write_one_shard, j): j for j in jobs}
-                for fut in as_completed(futures):
-                    info = fut.result()
-                    infos[info["name"]] = info
-                    bar.advance(task, len(futures[fut]["records"]))
+                try:
+                    for fut in as_completed(futures):
+                        info = fut.result()
+                        infos[info["name"]] = info
+                        bar.advance(task, len(futures[fut]["records"]))
+                except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers, never orphan them
+                    _stop_workers(pool)
+                    raise
         else:
             for j in jobs:
                 info = write_one_shard(j)
@@ -505,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-field", choices=("findings", "impressions", "both"), default="findings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: workers stopped, lock released
     source = a.ct_rate or a.manifest or a.nifti_dir
     try:
         index = write_shards(

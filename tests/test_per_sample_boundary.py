@@ -379,3 +379,47 @@ def test_plane_by_plane_resampling_matches_torch_trilinear():
             0, 0
         ].numpy()
         assert np.abs(got.astype(np.float32) - want).max() <= 0.5 + 1e-3
+
+
+def test_sigterm_to_shards_write_stops_its_workers(tmp_path):
+    """Minor case: SIGTERM to `shards.write` left its spawn workers writing on, orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from shards.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ct", n=12, size=(16, 64, 64), seed=1)
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, "-m", "shards.write", "--ct-rate", str(tmp_path / "ct"), "--out", str(tmp_path / "o"),
+           "--hr-size", "64,256,256", "--workers", "2", "--samples-per-shard", "1", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stderr=subprocess.PIPE
+    )
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    workers: list[int] = []
+    while proc.poll() is None and len(workers) < 3:  # two workers + the resource tracker
+        workers = children()
+        time.sleep(0.2)
+    assert proc.poll() is None, "the write finished before the workers were seen; make it bigger"
+    time.sleep(1.0)  # let the workers start on a shard
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    proc.stderr.close()
+    alive = []
+    for pid in workers:
+        try:
+            os.kill(pid, 0)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"multiprocessing" in cmdline and b"resource_tracker" not in cmdline:
+                alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    assert alive == [], f"workers {alive} outlived shards.write"
+    assert not (tmp_path / "o" / "index.json").exists()

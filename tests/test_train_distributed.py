@@ -511,3 +511,17 @@ def test_chaos_two_ranks_sigterm_and_a_missing_shard_under_skip(cache, tmp_path)
     assert summary["steps"] == 4 and "stopped" not in summary
     assert set(summary["skipped"]["train"]) == {"missing_shard"}
     assert summary["skipped"]["train_reports"] == {"missing_shard": len(gone["keys"])}
+
+
+def test_a_second_trainer_into_the_same_run_directory_is_refused(cache, tmp_path):
+    """Minor case (issue 23): two trainers into one --out interleaved their checkpoints (no lock)."""
+    from shards.io import lock_dir
+
+    out = tmp_path / "run"
+    fd = lock_dir(out, "the first trainer")
+    try:
+        proc = run(PY_ZERO2 + tiny_flags(cache, out, "--max-steps", "1", "--no-eval"), check=False)
+    finally:
+        os.close(fd)
+    assert proc.returncode != 0 and "in use by the first trainer" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "checkpoints").exists()

@@ -220,6 +220,9 @@ def run(cfg: TrainConfig) -> dict | None:
     from shards.read import ShardLoader
 
     out = Path(cfg.out)
+    from shards.io import lock_dir
+
+    run_lock = lock_dir(out, "hilt_scale.train") if rank == 0 else None  # one trainer per run directory  # noqa: F841
     mcfg = run_model_config(cfg)
     data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
