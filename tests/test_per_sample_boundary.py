@@ -423,3 +423,19 @@ def test_sigterm_to_shards_write_stops_its_workers(tmp_path):
             pass
     assert alive == [], f"workers {alive} outlived shards.write"
     assert not (tmp_path / "o" / "index.json").exists()
+
+
+def test_a_full_disk_in_shards_write_is_one_line_naming_out(tmp_path, monkeypatch, capsys):
+    """Minor case: disk full in shards.write gave a traceback without a path."""
+    import errno
+
+    from shards import write
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write, "write_shards", full)
+    with pytest.raises(SystemExit) as e:
+        write.main(["--nifti-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and str(tmp_path / "o") in err and "No space left" in err

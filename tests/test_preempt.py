@@ -38,6 +38,15 @@ def test_a_rank_whose_launcher_died_stops():
     stop = StopRequest()
     stop.parent = -1  # not our parent: as after the launcher died and the rank was re-parented
     assert stop.check(1) == "launcher_gone"
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stop = StopRequest()
+    assert stop.check(1) is None
+    stop.launchers = [gone.pid]  # the deepspeed runner above the per-node launcher has exited
+    assert stop.check(2) == "launcher_gone"
 
 
 def test_a_start_up_stuck_on_the_comm_op_lock_names_the_lock_file(monkeypatch, tmp_path):

@@ -5,13 +5,15 @@ SIGTERM (what SLURM and Kubernetes send before the kill), SIGINT (Ctrl-C) and SI
 ranks agree on the first signal seen by any rank (one small all-reduce per step), so they stop
 at the same step: the trainer then saves a checkpoint, writes ``summary.json`` with
 ``"stopped": "<SIGNAL>"`` and exits with ``EXIT_STOPPED``. A rank whose launcher died (its parent
-process changed) stops the same way with ``"stopped": "launcher_gone"``.
+process changed, or the ``deepspeed`` runner above its per-node launcher is gone) stops the same
+way with ``"stopped": "launcher_gone"``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
@@ -28,6 +30,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.seen: str | None = None
         self.parent = os.getppid()
+        self.launchers = _launchers(self.parent)
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, _frame: Any) -> None:
@@ -55,13 +58,35 @@ class StopRequest:
         if want[0] == str(step) and (len(want) < 3 or want[2] == os.environ.get("RANK", "0")):
             os.kill(os.getpid(), getattr(signal, want[1] if len(want) > 1 else "SIGTERM"))
         reason = self.seen
-        if reason is None and os.getppid() != self.parent:
+        if reason is None and (os.getppid() != self.parent or not all(map(_alive, self.launchers))):
             reason = "launcher_gone"
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return reason
         code = torch.tensor([REASONS.index(reason)], device="cuda" if torch.cuda.is_available() else "cpu")
         dist.all_reduce(code, op=dist.ReduceOp.MAX)
         return REASONS[int(code.item())]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _launchers(parent: int) -> list[int]:
+    """The ``deepspeed`` runner above a ``deepspeed.launcher.launch`` parent (SIGTERM to the runner
+    leaves that per-node launcher and its ranks running): watched besides the parent itself."""
+    try:
+        if b"deepspeed.launcher.launch" not in Path(f"/proc/{parent}/cmdline").read_bytes():
+            return []
+        grandparent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return []
+    return [grandparent] if grandparent > 1 else []
 
 
 def leave(reason: str, out: Any, step: int, rank: int, tag: str | None) -> None:
