@@ -216,13 +216,11 @@ def run(cfg: TrainConfig) -> dict | None:
 
     from hilt_scale.training import checkpoint
     from hilt_scale.training.runlog import RunLog, plot_curves, score_table
-    from shards.io import write_json_atomic
+    from shards.io import lock_dir, write_json_atomic
     from shards.read import ShardLoader
 
     out = Path(cfg.out)
-    from shards.io import lock_dir
-
-    run_lock = lock_dir(out, "hilt_scale.train") if rank == 0 else None  # one trainer per run directory  # noqa: F841
+    _lock = lock_dir(out, "hilt_scale.train") if rank == 0 else None  # one trainer per --out, until exit
     mcfg = run_model_config(cfg)
     data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
