@@ -185,10 +185,13 @@ def test_complex_voxels_are_refused(tmp_path):
 
 def test_degenerate_reports_are_empty_reports(tmp_path):
     """Minor case: reports of only NULs, dots or zero-width spaces were accepted for training."""
-    vols = _good(tmp_path, 4)
-    reports = {"g0": "\x00\x00\x00", "g1": ". . . .", "g2": "\u200b\u200b"}
-    index = _write(tmp_path, vols, reports=reports)
-    assert index["summary"]["written"] == 1 and index["summary"]["dropped"] == {"empty_report": 3}
+    reports = ["\x00" * 40, ". " * 30, "\u200b" * 30, f"{REPORT} Kept."]
+    recs = [
+        ingest.Record(f"k{i}", tmp_path / f"k{i}.nii.gz", r, "train", "nifti") for i, r in enumerate(reports)
+    ]
+    summary = ingest.Summary(found=4)
+    kept = ingest.filter_records(recs, summary, "skip")
+    assert [r.key for r in kept] == ["k3"] and summary.dropped == {"empty_report": 3}
 
 
 def test_a_write_where_every_volume_fails_exits_with_no_samples(tmp_path):
