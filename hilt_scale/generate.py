@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: the run's --max-new-tokens")
     p.add_argument("--num-beams", type=int, help="default: the run's --num-beams")
     args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1, got {args.batch}")
 
     torch.manual_seed(0)
     model, train_cfg = load_run(args.run)

@@ -76,13 +76,16 @@ def _float(row: dict, column: str, path: Path, key: str) -> float:
 
 
 def _table(
-    path: Path, required: tuple[str, ...]
+    path: Path, required: tuple[str, ...], lines: dict[str, int] | None = None
 ) -> tuple[dict[str, dict], dict[str, DataError], list[DataError]]:
-    """A CT-RATE CSV by VolumeName: (rows, errors of bad rows whose name is known, other bad rows)."""
+    """A CT-RATE CSV by VolumeName: (rows, errors of bad rows whose name is known, other bad rows);
+    ``lines`` (when given) receives each row's line number, to name it in later errors."""
     rows, bad = read_csv_rows(
         path, required, "VolumeName", key_of=lambda r: r.get("VolumeName", "").strip().removesuffix(".nii.gz")
     )
     by_name = {r["VolumeName"].strip(): r for _, r in rows}
+    if lines is not None:
+        lines.update({r["VolumeName"].strip(): line for line, r in rows})
     named = {f"{e.key}.nii.gz": e for e in bad if e.key != "-"}
     return by_name, named, [e for e in bad if e.key == "-"]
 
@@ -124,7 +127,8 @@ def ct_rate_records(
             root / "multi_abnormality_labels",
             [f"{folder}_predicted_labels.csv", f"{prefix}_predicted_labels.csv"],
         )
-        labels, bad_labels, more = _table(lab_path, ()) if lab_path else ({}, {}, [])
+        label_lines: dict[str, int] = {}
+        labels, bad_labels, more = _table(lab_path, (), label_lines) if lab_path else ({}, {}, [])
         unnamed += more
         for e in unnamed:  # a broken row whose volume cannot be told: found, and dropped
             summary.found += 1
@@ -143,6 +147,10 @@ def ct_rate_records(
                 m = meta.get(name)
                 if m is not None:
                     rec.slope = _float(m, "RescaleSlope", meta_path, key)
+                    if rec.slope == 0:  # would store an all-zero volume under its report's findings
+                        raise DataError(
+                            "bad_metadata", meta_path, key, "RescaleSlope = 0: the volume would be blank"
+                        )
                     rec.intercept = _float(m, "RescaleIntercept", meta_path, key)
                     if m.get("XYSpacing") and m.get("ZSpacing"):
                         rec.spacing = _parse_spacing(m["XYSpacing"], m["ZSpacing"], meta_path, key)
@@ -154,10 +162,7 @@ def ct_rate_records(
                                 "bad_metadata", meta_path, key, f"Findings is not JSON ({e.msg})"
                             ) from e
                 if name in labels:
-                    try:
-                        rec.labels = {c: int(float(v)) for c, v in labels[name].items() if c != "VolumeName"}
-                    except ValueError as e:
-                        raise DataError("bad_labels", lab_path, key, f"a label is not a number ({e})") from e
+                    rec.labels = _labels(labels[name], lab_path, key, label_lines.get(name))
                 records.append(rec)
             except DataError as e:
                 handle(e, on_error, summary)
@@ -169,6 +174,24 @@ def ct_rate_records(
         if split == "patient":
             rec.split = assign_split(patient, seed)
     return records, summary
+
+
+def _labels(row: dict, path: Path, key: str, line: int | None) -> dict[str, int]:
+    """The 0/1 labels of a label CSV row; any other value is bad_labels naming file, line and column."""
+    out = {}
+    for column, value in row.items():
+        if column == "VolumeName":
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number not in (0.0, 1.0):
+            raise DataError(
+                "bad_labels", path, key, f"line {line}, column {column!r}: {value!r} is not 0 or 1"
+            )
+        out[column] = int(number)
+    return out
 
 
 def one_reconstruction_per_scan(records: list[Record], summary: Summary) -> list[Record]:

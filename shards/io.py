@@ -80,3 +80,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg})") from exc
     return rows
+
+
+def lock_dir(path: str | Path, who: str) -> int:
+    """Take an exclusive lock on directory ``path`` (its ``.lock`` file) for this process; return
+    the open descriptor (the lock lasts until it is closed or the process ends).
+
+    Non-blocking: when another process holds it, RuntimeError names the directory and that
+    process, so two writers or two trainers never interleave their files in one place.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise RuntimeError(
+            f"{path} is in use by {holder}: wait for it to finish or use another directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{who} (pid {os.getpid()})\n".encode(), 0)
+    return fd

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,7 +30,12 @@ import zstandard
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.batch import stack_batch
-from shards.ingest import DTYPES, DataError, array_sha256, check_policy
+from shards.ingest import DTYPES, DataError, array_sha256, as_data_error, check_policy
+
+# Hard cap on one decoded volume, whatever its json says (a decompression bomb never gets more).
+MAX_VOLUME_BYTES = 4 << 30
+# A shard named in index.json must be a plain file name inside the set: no path, no dot file.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}")
 
 
 def frame_has_checksum(data: bytes) -> bool:
@@ -49,13 +55,29 @@ def decode_volume(
     written before checksums, or a header whose checksum flag was damaged) is checked against
     ``sha256`` (the sample json's hash of the array) when given, so no damaged volume passes.
     """
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data)
-    except zstandard.ZstdError as e:
-        raise DataError("corrupt_zstd", file, key, f"vol.zst: {e}") from e
     if dtype not in DTYPES:
         raise DataError("bad_shape_or_dtype", file, key, f"dtype {dtype!r} not one of {sorted(DTYPES)}")
     want = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if want > MAX_VOLUME_BYTES:
+        raise DataError("too_large", file, key, f"shape {shape} {dtype} is {want} bytes > {MAX_VOLUME_BYTES}")
+    # Decompression is capped at shape x dtype: a frame that declares another size (a damaged
+    # frame descriptor, a bomb) is refused before any allocation; one without a declared size is
+    # cut off at the cap.
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as e:
+        raise DataError("corrupt_zstd", file, key, f"vol.zst frame header: {e}") from e
+    if declared not in (want, zstandard.CONTENTSIZE_UNKNOWN):
+        raise DataError(
+            "bad_shape_or_dtype",
+            file,
+            key,
+            f"frame declares {declared} bytes, shape {shape} {dtype} needs {want}",
+        )
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=want)
+    except zstandard.ZstdError as e:
+        raise DataError("corrupt_zstd", file, key, f"vol.zst: {e} (at most {want} bytes allowed)") from e
     if len(raw) != want:
         raise DataError(
             "bad_shape_or_dtype", file, key, f"{len(raw)} bytes decoded, shape {shape} {dtype} needs {want}"
@@ -71,7 +93,10 @@ def decode_volume(
 def zstd_handler(key: str, data: bytes) -> bytes | None:
     """webdataset decoder handler: decompress members whose name ends in .zst (others untouched)."""
     if key.endswith("zst"):
-        return zstandard.ZstdDecompressor().decompress(data)
+        size = zstandard.get_frame_parameters(data).content_size
+        if size != zstandard.CONTENTSIZE_UNKNOWN and size > MAX_VOLUME_BYTES:
+            raise ValueError(f"{key}: frame declares {size} bytes > {MAX_VOLUME_BYTES}")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_VOLUME_BYTES)
     return None
 
 
@@ -93,6 +118,15 @@ class ShardSet:
             if k not in self.index:
                 raise DataError("bad_index", index_path, "-", f"missing key {k!r}")
         self.shards = self.index["shards"]
+        for s in self.shards:
+            name = s.get("name") if isinstance(s, dict) else None
+            if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+                raise DataError(
+                    "bad_index",
+                    index_path,
+                    "-",
+                    f"shard name {name!r} is not a plain file name inside the set",
+                )
         self.hr_size = list(self.index["hr_size"])
         self.dtype = self.index["dtype"]
         self._fds: dict[int, int] = {}
@@ -138,7 +172,40 @@ class ShardSet:
             )
         return data
 
+    def _where(self, i: int, j: int) -> tuple[Path | str, str]:
+        """(shard path, key) of sample j of shard i, as far as the index can tell (for messages)."""
+        try:
+            return self.root / self.shards[i]["name"], str(self.shards[i]["keys"][j])
+        except Exception:
+            return self.root / "index.json", f"shard {i} sample {j}"
+
     def read(self, i: int, j: int, verify: bool | None = None) -> dict:
+        """``_read`` inside the per-sample error boundary: any failure is a DataError naming shard and key."""
+        try:
+            return self._read(i, j, verify)
+        except Exception as e:
+            raise as_data_error(e, *self._where(i, j)) from e
+
+    def read_report(self, i: int, j: int) -> str:
+        """The report of sample j of shard i alone (crc32-checked, UTF-8), without its volume."""
+        try:
+            shard = self.shards[i]
+            key, members = shard["keys"][j], shard["members"][j]
+            path = self.root / shard["name"]
+            if "txt" not in members:
+                raise DataError("missing_member", path, key, "sample lacks ['txt']")
+            txt = self._pread(i, *members["txt"], key)
+            crc = shard.get("crc32")
+            if crc is not None and zlib.crc32(txt) != crc[j][1]:
+                raise DataError("checksum_mismatch", path, key, "txt member crc32 differs from the index")
+            try:
+                return txt.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError("not_utf8", path, key, f"txt member: {e}") from e
+        except Exception as e:
+            raise as_data_error(e, *self._where(i, j)) from e
+
+    def _read(self, i: int, j: int, verify: bool | None = None) -> dict:
         """Sample j of shard i: {"key", "hr" (D, H, W array), "report", "meta"}.
 
         Every read detects damage: json and txt against the index's crc32 (shards from format 2),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tarfile
 import zlib
@@ -51,6 +53,7 @@ from shards.ingest import (
     Record,
     Summary,
     array_sha256,
+    as_data_error,
     check_name,
     check_policy,
     coverage,
@@ -60,7 +63,7 @@ from shards.ingest import (
     preprocess,
     source_records,
 )
-from shards.io import atomic_write, write_json_atomic
+from shards.io import atomic_write, lock_dir, write_json_atomic
 from shards.schema import HU_WINDOW, parse_size
 
 INDEX_VERSION = 2  # 2: zstd frames carry a content checksum; shards list crc32 of json and txt
@@ -155,8 +158,8 @@ def write_one_shard(job: dict) -> dict:
                     job["zstd_level"],
                     job["rescale"],
                 )
-            except DataError as e:
-                handle(e, job["on_error"], summary)
+            except Exception as e:  # the per-sample boundary: any failure is this sample's, counted
+                handle(as_data_error(e, rec.path, rec.key), job["on_error"], summary)
                 continue
             if meta["coverage"] < MIN_COVERAGE:
                 summary.flag(
@@ -216,6 +219,42 @@ def _finished(out: Path, name: str, plan: str) -> dict | None:
     return info
 
 
+def _owned(out: Path) -> set[str]:
+    """Shard names this writer can prove it wrote into ``out``: a ``.parts`` entry or the old index."""
+    names = {p.name[: -len(".json")] for p in (out / PARTS_DIR).glob("*.json")}
+    try:
+        names |= {s["name"] for s in json.loads((out / "index.json").read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return names
+
+
+def _one_writer(fn):
+    """Run ``fn(source, out_dir, ...)`` holding the lock of ``out_dir`` (``shards.io.lock_dir``):
+    a second writer into the same directory is refused at once, naming the first."""
+
+    @functools.wraps(fn)
+    def locked(source, out_dir, *args, **kwargs):
+        fd = lock_dir(out_dir, "shards.write")
+        try:
+            return fn(source, out_dir, *args, **kwargs)
+        finally:
+            os.close(fd)
+
+    return locked
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued shards and terminate the running workers (their temp files are removed
+    by atomic_write on the next run's plan; no shard or index is half written)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # gone after shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
 def _remove_stale(out: Path, planned: set[str]) -> list[str]:
     """Remove shards (and their .parts info) that an earlier run wrote and this plan no longer has."""
     removed = []
@@ -268,6 +307,7 @@ def _check_records(records: list[Record], summary: Summary, on_error: str) -> li
     return out
 
 
+@_one_writer
 def write_shards(
     source: str | os.PathLike | list[Record],
     out_dir: str | os.PathLike,
@@ -342,8 +382,15 @@ def write_shards(
     }
     plan = plan_shards(records, samples_per_shard)
     jobs, infos = [], {}
+    owned = _owned(out)
     for name, split_name, recs in plan:
         _inside(out, name)
+        if (out / name).exists() and name not in owned:
+            raise DataError(
+                "not_ours", out / name, "-",
+                "exists but this writer did not write it (no .parts entry, not in index.json): "
+                "it is never overwritten; move it away or pick another --out",
+            )  # fmt: skip
         fingerprint = plan_hash(recs, params)
         done = _finished(out, name, fingerprint)
         if done is not None:
@@ -367,10 +414,14 @@ def write_shards(
             ctx = multiprocessing.get_context("spawn")  # torch in forked children can deadlock
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
                 futures = {pool.submit(write_one_shard, j): j for j in jobs}
-                for fut in as_completed(futures):
-                    info = fut.result()
-                    infos[info["name"]] = info
-                    bar.advance(task, len(futures[fut]["records"]))
+                try:
+                    for fut in as_completed(futures):
+                        info = fut.result()
+                        infos[info["name"]] = info
+                        bar.advance(task, len(futures[fut]["records"]))
+                except BaseException:  # an error, Ctrl-C or SIGTERM: stop the workers, never orphan them
+                    _stop_workers(pool)
+                    raise
         else:
             for j in jobs:
                 info = write_one_shard(j)
@@ -389,6 +440,13 @@ def write_shards(
     for s in shards:
         splits[s["split"]] = splits.get(s["split"], 0) + s["count"]
     written = sum(splits.values())
+    if not written:  # every volume failed: no index may describe empty shards as a shard set
+        raise DataError(
+            "no_samples",
+            source if not isinstance(source, list) else "<records>",
+            "-",
+            f"found {summary.found}, none written; dropped {dict(sorted(dropped.items()))}; errors: {errors[:3]}",
+        )
     index = {
         "version": INDEX_VERSION,
         "shards": [
@@ -463,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-field", choices=("findings", "impressions", "both"), default="findings")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: workers stopped, lock released
     source = a.ct_rate or a.manifest or a.nifti_dir
     try:
         index = write_shards(
@@ -473,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
     except DataError as e:
         print(f"shards.write: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, RuntimeError) as e:  # a full disk, a read-only --out, another writer's lock
+        print(f"shards.write: writing into {a.out} failed: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
     s = index["summary"]
     print(

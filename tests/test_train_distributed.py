@@ -439,3 +439,92 @@ def test_chaos_kills_during_saves_and_resumes_end_exact(cache, tmp_path):
     assert train_losses(chaos) == train_losses(straight), kills
     a, b = export_tensors(straight), export_tensors(chaos)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kills
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(cache, tmp_path):
+    """Preemption (issue 23): SIGTERM after step 2 finishes the step, saves, writes summary.json
+    with "stopped" and exits 75; --resume then gives the losses and weights of a run never stopped."""
+    from hilt_scale.training.preempt import EXIT_STOPPED
+
+    flags = ("--max-steps", "4", "--save-every", "0", "--no-eval")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run(PY_ZERO2 + tiny_flags(cache, straight, *flags))
+    proc = run(
+        PY_ZERO2 + tiny_flags(cache, stopped, *flags), {"HILT_SCALE_SIGNAL_AT_STEP": "2:SIGTERM"}, False
+    )
+    assert proc.returncode == EXIT_STOPPED, proc.stderr[-3000:]
+    summary = json.loads((stopped / "summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and summary["steps"] == 2
+    assert (stopped / "checkpoints" / "LATEST").read_text().strip() == "step00000002"
+    run(PY_ZERO2 + tiny_flags(cache, stopped, *flags, "--resume"))
+    assert train_losses(stopped) == train_losses(straight)
+    a, b = export_tensors(straight), export_tensors(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_training_volume_bad_under_skip_stops_counting_the_skips(cache, tmp_path):
+    """Hang case 1 (issue 23): with every training volume damaged, --on-error skip skipped empty
+    batches forever with no output; now the run stops with an error counting the skips by reason."""
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(Path(build_default(cache, N, SIZE, 0)[0]), data)
+    index = json.loads((data / "index.json").read_text())
+    for shard in (s for s in index["shards"] if s["split"] == "train"):
+        with open(data / shard["name"], "r+b") as f:
+            for m in shard["members"]:
+                offset, size = m["vol.zst"]
+                f.seek(offset + size // 2)
+                f.write(bytes(32))
+    proc = run(PY_ZERO2 + tiny_flags(cache, tmp_path / "run", "--data", str(data), "--on-error", "skip",
+                                     "--max-steps", "3", "--no-eval"), check=False)  # fmt: skip
+    assert proc.returncode not in (0, 75)
+    assert "no_good_samples" in proc.stderr and "corrupt_zstd" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_chaos_two_ranks_sigterm_and_a_missing_shard_under_skip(cache, tmp_path):
+    """Chaos, issue 23: two ranks train under --on-error skip with one training shard missing; one
+    rank gets SIGTERM after step 2, both stop there together (exit 75, one checkpoint), --resume
+    finishes, and summary.json counts the missing shard's samples as missing_shard."""
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(Path(build_default(cache, N, SIZE, 0)[0]), data)
+    index = json.loads((data / "index.json").read_text())
+    gone = next(s for s in index["shards"] if s["split"] == "train")
+    (data / gone["name"]).unlink()
+
+    def torchrun(out: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), TRAIN,
+            "--ds", "ds_configs/zero2.json",
+            *tiny_flags(cache, out, "--data", str(data), "--on-error", "skip", "--max-steps", "4",
+                        "--save-every", "0", "--no-eval", "--no-export", *extra),
+        ]  # fmt: skip
+
+    out = tmp_path / "run"
+    proc = run(torchrun(out), {"HILT_SCALE_SIGNAL_AT_STEP": "2:SIGUSR1:1"}, check=False)
+    assert proc.returncode != 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "SIGUSR1" and summary["steps"] == 2
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step00000002"
+    run(torchrun(out, "--resume"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and "stopped" not in summary
+    assert set(summary["skipped"]["train"]) == {"missing_shard"}
+    assert summary["skipped"]["train_reports"] == {"missing_shard": len(gone["keys"])}
+
+
+def test_a_second_trainer_into_the_same_run_directory_is_refused(cache, tmp_path):
+    """Minor case (issue 23): two trainers into one --out interleaved their checkpoints (no lock)."""
+    from shards.io import lock_dir
+
+    out = tmp_path / "run"
+    fd = lock_dir(out, "the first trainer")
+    try:
+        proc = run(PY_ZERO2 + tiny_flags(cache, out, "--max-steps", "1", "--no-eval"), check=False)
+    finally:
+        os.close(fd)
+    assert proc.returncode != 0 and "in use by the first trainer" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "checkpoints").exists()

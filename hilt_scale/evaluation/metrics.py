@@ -110,6 +110,10 @@ class _Whitespace:
         return text.split()
 
 
+# METEOR's JVM dies on a line of tens of thousands of words (a runaway generation), and with it
+# METEOR for the whole set: each text is cut to this many tokens for METEOR only (reports are
+# <= 512 tokens), and the number of texts cut is reported (``meteor_truncated``).
+METEOR_MAX_TOKENS = 2000
 _meteor_lock = threading.Lock()
 _meteor_scorer = None
 _meteor_error: str | None = None
@@ -194,8 +198,14 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str], toke
         ]
         for c in bleu_scorer.ctest
     ]
+    cut = sum(len(t.split()) > METEOR_MAX_TOKENS for t in tokens)
+    if cut:
+        gts_m = {i: [" ".join(v[0].split()[:METEOR_MAX_TOKENS])] for i, v in gts.items()}
+        res_m = {i: [" ".join(v[0].split()[:METEOR_MAX_TOKENS])] for i, v in res.items()}
+    else:
+        gts_m, res_m = gts, res
     try:
-        meteor, meteor_each = meteor_scorer().compute_score(gts, res)
+        meteor, meteor_each = meteor_scorer().compute_score(gts_m, res_m)
         corpus["meteor"] = 100.0 * meteor
         per["meteor"] = [100.0 * s for s in meteor_each]
     except RuntimeError as exc:
@@ -222,6 +232,7 @@ def per_report_scores(references: Sequence[str], hypotheses: Sequence[str], toke
         "bleu_stats": bleu_stats,
         "unavailable": unavailable,
         "tokenizer": used,
+        "meteor_truncated": cut,
     }
 
 
@@ -263,4 +274,6 @@ def compute_metrics(references: Sequence[str], hypotheses: Sequence[str], tokeni
     """
     scores = per_report_scores(references, hypotheses, tokenizer)
     summary = summarize(scores["corpus"], scores["unavailable"], scores["tokenizer"])
+    if scores["meteor_truncated"]:
+        summary["meteor_truncated"] = scores["meteor_truncated"]
     return {**summary, "n": len(references)}

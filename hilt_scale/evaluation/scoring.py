@@ -56,6 +56,8 @@ def evaluate_records(
     gens = [r["generated"] for r in records]
     scores = metrics.per_report_scores(refs, gens, tokenizer)
     out = metrics.summarize(scores["corpus"], scores["unavailable"], scores["tokenizer"])
+    if scores.get("meteor_truncated"):  # runaway texts cut for METEOR only (metrics.METEOR_MAX_TOKENS)
+        out["meteor_truncated"] = scores["meteor_truncated"]
     truth, predicted = label_reports(refs), label_reports(gens)
     efficacy = clinical_efficacy(truth, predicted)
     out.update({k: v for k, v in efficacy.items() if k != "per_class"})

@@ -79,10 +79,46 @@ def save_export(model: HiltReportModel, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
-    """Rebuild a trained model from a ``save_export`` directory (on CPU; move it with ``.to``)."""
-    from peft import set_peft_model_state_dict  # noqa: PLC0415
+def read_tensors(
+    path: str | os.PathLike, expected: dict[str, tuple[int, ...]] | None, what: str
+) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked strictly against ``expected`` (name -> shape; None:
+    only readable and finite):
+    every expected tensor present, no other, shapes equal, values finite. Otherwise a ValueError
+    naming the file and the first missing / unexpected / misshapen / non-finite keys."""
     from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the export's {what} is missing")
+    try:
+        state = load_file(os.fspath(path))
+    except Exception as exc:  # empty, truncated or not a safetensors file
+        raise ValueError(f"{path}: the export's {what} is unreadable ({type(exc).__name__}: {exc})") from None
+    problems = []
+    expected = {k: tuple(v.shape) for k, v in state.items()} if expected is None else expected
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
+    bad = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes),
+                        ("non-finite values in", bad)):  # fmt: skip
+        if keys:
+            problems.append(f"{label} {len(keys)} tensor(s): {keys[:5]}")
+    if problems:
+        raise ValueError(f"{path}: the export's {what} does not fit the model: " + "; ".join(problems))
+    return state
+
+
+def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
+    """Rebuild a trained model from a ``save_export`` directory (on CPU; move it with ``.to``).
+
+    Strict: the vision weights, the adapter and a random-init LLM base must each hold exactly the
+    tensors the model expects, with its shapes and finite values (``read_tensors``); a broken or
+    partial export is an error naming the file and the first bad keys, never a model that writes
+    empty or gibberish reports.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: PLC0415
     from transformers import AutoTokenizer  # noqa: PLC0415
 
     src = Path(export_dir)
@@ -90,16 +126,21 @@ def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: not an export directory (no config.json)")
     cfg = from_dict(json.loads(config_path.read_text()))
+    base_file = src / "llm_base" / "model.safetensors"
     if (src / "llm_base").is_dir():
         cfg.llm.path = str(src / "llm_base")
+        read_tensors(base_file, None, "LLM base")  # readable and finite before transformers opens it
     tokenizer = AutoTokenizer.from_pretrained(src / "tokenizer")
     model = build_model(cfg, tokenizer)
-    adapter = src / "adapter" / "adapter_model.safetensors"
+    if (src / "llm_base").is_dir():  # from_pretrained fills missing weights randomly: check the file
+        shapes = {k: tuple(v.shape) for k, v in _base_llm_state(model.llm).items()}
+        read_tensors(base_file, shapes, "LLM base")
     if cfg.llm.lora:
-        if not adapter.exists():
-            raise FileNotFoundError(f"{adapter}: config has llm.lora=true but the adapter is missing")
-        result = set_peft_model_state_dict(model.llm, load_file(adapter))
+        adapter = src / "adapter" / "adapter_model.safetensors"
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model.llm).items()}
+        result = set_peft_model_state_dict(model.llm, read_tensors(adapter, expected, "LoRA adapter"))
         if result.unexpected_keys:
             raise KeyError(f"{adapter}: unexpected adapter keys {result.unexpected_keys[:5]}")
-    load_vision(model, src / "vision.safetensors")
+    vision = {k: tuple(v.shape) for k, v in model.vision_state_dict().items()}
+    model.load_vision_state_dict(read_tensors(src / "vision.safetensors", vision, "vision weights"))
     return model

@@ -52,7 +52,12 @@ MANIFEST = "manifest.json"
 # moved), "pointer" (pointer moved, old tags not yet pruned).
 KILL_IN_SAVE_ENV = "HILT_SCALE_KILL_IN_SAVE"
 # Config fields that must match between the checkpoint's run and a resuming one.
-RESUME_FIELDS = ("micro_batch", "total_batch", "seed", "data", "phantom_n", "phantom_size")
+# The schedule (lr, warm-up, steps, epochs) too: a resumed run that silently changed it would not
+# be the run it continues; ``--allow-change KEY`` accepts one on purpose (recorded in train_config.json).
+RESUME_FIELDS = (
+    "micro_batch", "total_batch", "seed", "data", "phantom_n", "phantom_size",
+    "lr", "warmup_ratio", "max_steps", "epochs",
+)  # fmt: skip
 _TAG_RE = re.compile(r"^step(\d+)(?:-(\d+))?$")
 _saving_step: int | None = None  # the step being saved (for the "write" fault injection)
 
@@ -253,13 +258,19 @@ def verify(tag_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def find_resumable(ckpt_dir: str | Path, log: Callable[[str], None] = print) -> tuple[str, dict] | None:
+def find_resumable(
+    ckpt_dir: str | Path, log: Callable[[str], None] = print, tag: str | None = None
+) -> tuple[str, dict] | None:
     """(tag, manifest) of the newest intact checkpoint: the pointer's tag, else the newest older one.
 
     None when no save ever finished (no pointer, no manifest); CheckpointError (listing every tag's problem) when
     checkpoints exist but none is intact. Tags newer than the pointer's are unfinished saves.
     """
     ckpt_dir = Path(ckpt_dir)
+    if tag:  # --resume-tag: exactly that tag, verified, or an error naming it
+        if tag_key(tag) is None:
+            raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint tag name (stepNNNNNNNN[-N])")
+        return tag, verify(ckpt_dir / tag)
     named = pointer_tag(ckpt_dir)
     found = tags(ckpt_dir)
     if named is None and not found:
@@ -345,6 +356,12 @@ def save(
     global _saving_step
     ckpt_dir = Path(ckpt_dir)
     rank0 = _rank() == 0
+    bad = nonfinite_weights(getattr(engine, "module", None))
+    bad_msg = first_error(f"rank {_rank()}: non-finite weights {bad[:3]}" if bad else None)
+    if bad_msg is not None:  # only finite checkpoints are written, so LATEST is always resumable
+        raise FloatingPointError(
+            f"step {step}: {bad_msg}; not saved: {ckpt_dir / POINTER} still names {pointer_tag(ckpt_dir)}"
+        )
     if rank0:
         current = pointer_tag(ckpt_dir)
         tag, n = tag_for(step), 0
@@ -406,6 +423,17 @@ def save(
     return tag
 
 
+def nonfinite_weights(module: Any) -> list[str]:
+    """Names of trainable parameters (this rank's ZeRO-3 partition) holding NaN or Inf."""
+    if module is None:
+        return []
+    return [
+        name
+        for name, p in module.named_parameters()
+        if p.requires_grad and not torch.isfinite(getattr(p, "ds_tensor", p).detach()).all()
+    ]
+
+
 def _prune(ckpt_dir: Path, tag: str, keep: int) -> None:
     """Keep ``tag`` and the newest ``keep - 1`` older tags; tags newer than ``tag`` are dead saves."""
     key = tag_key(tag)
@@ -420,6 +448,8 @@ def load(
     ckpt_dir: str | Path,
     identity: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    tag: str | None = None,
+    allow: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Load the newest intact checkpoint into ``engine``; (client_state, this rank's trainer state).
 
@@ -430,7 +460,7 @@ def load(
     choice, err = None, None
     if _rank() == 0:
         try:
-            choice = find_resumable(ckpt_dir, log)
+            choice = find_resumable(ckpt_dir, log, tag)
         except CheckpointError as exc:
             err = str(exc)
     choice, err = _broadcast((choice, err))
@@ -440,11 +470,18 @@ def load(
         return None
     tag, manifest = choice
     if identity is not None:
-        changes = identity_changes(manifest.get("run", {}), identity)
+        saved = _flatten(json.loads(json.dumps(manifest.get("run", {}))))
+        changes = [
+            c
+            for c in identity_changes(manifest.get("run", {}), identity)
+            if c.split(":")[0] in saved  # a field older checkpoints did not record is not a change
+            and c.split(":")[0].removeprefix("config.") not in allow
+        ]
         if changes:
             raise ValueError(
                 f"cannot resume from {ckpt_dir / tag}: the run differs from the checkpoint's: "
                 + "; ".join(changes)
+                + " (--allow-change KEY accepts a change of the schedule on purpose)"
             )
     use_safe_engine(engine)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)

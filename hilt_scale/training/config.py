@@ -33,6 +33,8 @@ class TrainConfig:
     out: str = "runs/main"
     cache: str = str(DEFAULT_CACHE)
     resume: bool = False
+    resume_tag: str = ""  # --resume from this checkpoint tag (e.g. step00000004) instead of LATEST
+    allow_change: list[str] = field(default_factory=list)  # schedule fields --resume may change
     # Model presets and section.field=value overrides (hilt_scale.model.config).
     vision: str = "vit-micro"
     connector: str = "hilt"
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--set", dest="set", action="append", default=None, metavar="SECTION.FIELD=VALUE",
                 help="override a model config field, e.g. --set llm.lora_r=16 (repeatable; after the recipe's)",
+            )  # fmt: skip
+        elif f.name == "allow_change":
+            p.add_argument(
+                "--allow-change", "--allow_change", dest=f.name, action="append", default=None, metavar="KEY",
+                help="let --resume accept a changed lr / warmup_ratio / max_steps / epochs (repeatable)",
             )  # fmt: skip
         elif f.name == "on_error":
             p.add_argument(*names, dest=f.name, choices=("raise", "skip"), default=None)

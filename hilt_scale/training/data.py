@@ -8,11 +8,9 @@ each build into their own temp directory and the loser discards its copy.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Callable
@@ -38,24 +36,41 @@ def cache_entry(cache: Path, n: int, size: tuple[int, int, int], seed: int, lr_f
     return cache / (name if lr_factor == 2 else f"{name}-lr{lr_factor}")
 
 
-def split_reports(path: str | Path, split: str) -> list[str]:
-    """The reports (``txt`` members) of one split of a shard set, read without decoding volumes."""
+def split_reports(
+    path: str | Path, split: str, on_error: str = "raise", skipped: Counter | None = None
+) -> list[str]:
+    """The reports (``txt`` members) of one split of a shard set, read without decoding volumes.
+
+    Each report is read through the index (``ShardSet.read_report``: crc32-checked, UTF-8), so a
+    missing or truncated shard or a damaged report is a ``DataError`` naming shard and key:
+    raised under ``on_error="raise"``, counted by reason in ``skipped`` under ``"skip"``.
+    """
+    from shards.ingest import DataError
+    from shards.read import ShardSet
+
     path = Path(path)
     index_path = path / "index.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{index_path} is missing: {path} is not a finished shard set") from None
+    if not index_path.exists():
+        raise FileNotFoundError(f"{index_path} is missing: {path} is not a finished shard set")
+    shard_set = ShardSet(path)
     reports = []
-    for shard in index["shards"]:
-        if shard.get("split") != split:
-            continue
-        with tarfile.open(path / shard["name"]) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    reports.append(tar.extractfile(member).read().decode("utf-8"))
+    try:
+        for i, j in shard_set.entries(split):
+            try:
+                reports.append(shard_set.read_report(i, j))
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                if skipped is not None:
+                    skipped[e.reason] += 1
+    finally:
+        shard_set.close()
     if not reports:
-        raise ValueError(f"{index_path}: split {split!r} has no reports (splits: {index.get('splits')})")
+        raise ValueError(
+            f"{index_path}: split {split!r} has no readable reports (splits: {shard_set.index.get('splits')}"
+            + (f"; skipped {dict(skipped)}" if skipped else "")
+            + ")"
+        )
     return reports
 
 
@@ -137,7 +152,7 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, local_rank: int
         return data, None
     tokenizer_dir = Path(cfg.out) / "tokenizer"
     if rank == 0 and not tokenizer_dir.exists():
-        train_tokenizer_dir(split_reports(data, "train"), tokenizer_dir)
+        train_tokenizer_dir(split_reports(data, "train", cfg.on_error, Counter()), tokenizer_dir)
     barrier()
     return data, str(tokenizer_dir)
 

@@ -10,6 +10,8 @@ import json
 import os
 import random
 import socket
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,15 @@ def setup_distributed() -> tuple[int, int, int]:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    # On CPU this loads (the first time: compiles) DeepSpeed's shared-memory comm op under a lock file.
+    hint = threading.Timer(60.0, lambda: print(comm_op_hint(60), file=sys.stderr, flush=True))
+    hint.daemon = True
+    if not torch.cuda.is_available():
+        hint.start()
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    finally:
+        hint.cancel()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -46,6 +56,22 @@ def setup_distributed() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     return dist.get_rank(), dist.get_world_size(), local
+
+
+def comm_op_hint(waited_s: float) -> str:
+    """What a start-up that hangs in DeepSpeed's CPU comm op is waiting for, and how to clear it."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory("deepspeed_shm_comm", False)) / "lock"
+    except Exception:  # a private torch helper: fall back to its documented default place
+        lock = Path("~/.cache/torch_extensions/<python>_cpu/deepspeed_shm_comm/lock").expanduser()
+    return (
+        f"rank {os.environ.get('RANK', '0')}: still loading DeepSpeed's CPU comm op (deepspeed_shm_comm) "
+        f"after {waited_s:.0f} s. Its first build takes ~40 s (longer on a loaded machine). If no c++ or "
+        f"ninja process is building it, a run killed during the build left the lock file {lock}, and "
+        f"every run waits for it forever: remove it (rm {lock}) and start again."
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +98,18 @@ def first_error(err: str | None) -> str | None:
     errors: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, err)
     return next((e for e in errors if e), None)
+
+
+def agreed_error(err: str | None) -> str | None:
+    """Collective, cheap when all is well: one int all-reduce; the messages are gathered only when
+    some rank has one. Every rank gets the first rank's error (or None), so all stop together."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return err
+    flag = torch.tensor([int(err is not None)], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return first_error(err) if flag.item() else None
 
 
 def fill_ds_config(path: str | Path, values: dict[str, Any]) -> dict[str, Any]:

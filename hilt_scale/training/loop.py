@@ -19,6 +19,7 @@ import torch
 
 from hilt_scale.info import package_versions
 from hilt_scale.model.config import ModelConfig, apply_overrides, model_config
+from hilt_scale.training import preempt
 from hilt_scale.training.config import TrainConfig
 from hilt_scale.training.data import (
     check_hr_size,
@@ -29,6 +30,7 @@ from hilt_scale.training.data import (
     split_reports,
 )
 from hilt_scale.training.distributed import (
+    agreed_error,
     barrier,
     ds_values,
     fill_ds_config,
@@ -150,14 +152,32 @@ class Batches:
         return self.loader.epoch
 
     def next(self) -> dict:
+        """The next non-empty micro-batch; a DataError (``no_good_samples``, skips counted by reason)
+        when a whole pass over this rank's samples gave none, instead of spinning forever."""
+        from shards.ingest import DataError
+
+        empty, ends = 0, 0
+        whole_pass = len(self.loader) if hasattr(self.loader, "__len__") else None
         while True:
             try:
                 batch = next(self.it)
             except StopIteration:  # the loader moved itself to the next epoch
-                self.it = iter(self.loader)
-                batch = next(self.it)
-            if len(batch["key"]):  # under --on-error skip a batch of only bad samples is empty
+                ends += 1
+                if ends > 1:  # a whole epoch went by in this call without a good batch
+                    batch = None
+                else:
+                    self.it = iter(self.loader)
+                    continue
+            if batch is not None and len(batch["key"]):  # under --on-error skip, empty = all skipped
                 break
+            empty += 1
+            if batch is None or (whole_pass is not None and empty >= whole_pass):
+                root = getattr(getattr(self.loader, "shard_set", None), "root", "<loader>")
+                raise DataError(
+                    "no_good_samples", root, "-",
+                    f"a whole pass ({empty} batches) over this rank's samples gave no readable sample; "
+                    f"skipped by reason: {dict(getattr(self.loader, 'skipped', {}))}",
+                )  # fmt: skip
         if self.seen is not None:
             self.seen += batch["key"]
         return batch
@@ -167,9 +187,19 @@ def train_step(engine: Any, batches: Batches, accum: int) -> float:
     """One optimizer step = ``accum`` micro-batches; returns the mean loss over them and all ranks."""
     import torch.distributed as dist
 
+    from shards.ingest import DataError
+
     total = torch.zeros(())
     for _ in range(accum):
-        loss = engine(batches.next())
+        batch, err = None, None
+        try:
+            batch = batches.next()
+        except DataError as exc:
+            err = f"rank {dist.get_rank()}: {exc}"
+        err = agreed_error(err)  # a rank out of samples stops every rank, none waits in a collective
+        if err is not None:
+            raise DataError(err)
+        loss = engine(batch)
         engine.backward(loss)
         engine.step()
         total += loss.detach().float().cpu()
@@ -186,10 +216,11 @@ def run(cfg: TrainConfig) -> dict | None:
 
     from hilt_scale.training import checkpoint
     from hilt_scale.training.runlog import RunLog, plot_curves, score_table
-    from shards.io import write_json_atomic
+    from shards.io import lock_dir, write_json_atomic
     from shards.read import ShardLoader
 
     out = Path(cfg.out)
+    _lock = lock_dir(out, "hilt_scale.train") if rank == 0 else None  # one trainer per --out, until exit
     mcfg = run_model_config(cfg)
     data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
@@ -198,7 +229,8 @@ def run(cfg: TrainConfig) -> dict | None:
     seed_everything(cfg.seed)
     model = build_run_model(cfg, mcfg, tokenizer_dir)
     # Generation length from the data, checked against the sequence budget (truncation counted).
-    train_reports = split_reports(data_path, "train")  # read once: lengths now, the baseline at the end
+    report_skipped: Counter = Counter()  # reports left out under --on-error skip, by reason
+    train_reports = split_reports(data_path, "train", cfg.on_error, report_skipped)  # lengths; the baseline
     lengths = length_plan(train_reports, model.collator(), cfg.max_new_tokens)
     cfg = dataclasses.replace(cfg, eval_split=final_split, max_new_tokens=lengths["max_new_tokens"])
     for warning in lengths["warnings"] if rank == 0 else []:
@@ -225,7 +257,11 @@ def run(cfg: TrainConfig) -> dict | None:
     ckpt_dir = out / "checkpoints"
     identity = checkpoint.run_identity(cfg, mcfg, data_path, world, engine.zero_optimization_stage())
     say = print if rank == 0 else (lambda _msg: None)
-    loaded = checkpoint.load(engine, ckpt_dir, identity, log=say) if cfg.resume else None
+    resume = cfg.resume or bool(cfg.resume_tag)
+    allow = tuple(cfg.allow_change)
+    loaded = (
+        checkpoint.load(engine, ckpt_dir, identity, say, cfg.resume_tag or None, allow) if resume else None
+    )
     saved_step = None  # the step of the checkpoint on disk: never saved again (no rewrite in place)
     if loaded is not None:
         client, trainer = loaded  # checkpoint.load already refused a changed run identity
@@ -272,14 +308,18 @@ def run(cfg: TrainConfig) -> dict | None:
             f"{counts['total'] / 1e6:.2f}M, {total} steps x {cfg.total_batch} samples"
             + (f", resumed at step {step}" if step else "")
         )
-    scores = None
+    scores, stopped = None, None
+    stop = preempt.StopRequest().install()  # SIGTERM / SIGINT / SIGUSR1: finish the step, save, stop
     with log:
-        while step < total:
+        while step < total and stopped is None:
             t0 = time.perf_counter()
             loss = train_step(engine, batches, accum)
             step += 1
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step}")
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step}; {ckpt_dir / checkpoint.POINTER} still names the last "
+                    f"finite checkpoint {checkpoint.pointer_tag(ckpt_dir)} (--resume-tag picks an older one)"
+                )
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
             log.step(step, loss, lr, cfg.total_batch / (time.perf_counter() - t0), batches.epoch)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
@@ -287,7 +327,11 @@ def run(cfg: TrainConfig) -> dict | None:
             if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 scores = safe_evaluate(select_split)  # model selection: never the test split
                 log.eval(step, scores or {})
+            stopped = stop.check(step)
         save()
+    stop.restore()
+    if stopped is not None:
+        preempt.leave(stopped, out, step, rank, checkpoint.latest_tag(ckpt_dir) if rank == 0 else None)
     if batches.seen is not None:
         write_json_atomic(out / f"keys.rank{rank}.json", batches.seen)
     scores = safe_evaluate() if cfg.eval else None
@@ -296,7 +340,11 @@ def run(cfg: TrainConfig) -> dict | None:
         preprocessing = json.loads((Path(data_path) / "index.json").read_text()).get("preprocessing", {})
         files = {"train_config.json": dataclasses.asdict(cfg), "preprocessing.json": preprocessing}
         checkpoint.export(engine, out / "export", files)
-    skipped = {"train": _sum_counts(loader.skipped), "eval": _sum_counts(eval_skipped)}
+    skipped = {
+        "train": _sum_counts(loader.skipped),
+        "eval": _sum_counts(eval_skipped),
+        "train_reports": dict(report_skipped),  # read by every rank alike: no sum
+    }
     if rank != 0:
         _leave_together()
         return None
