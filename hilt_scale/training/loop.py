@@ -116,8 +116,8 @@ def evaluate(
         texts = model.generate(hr, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs)
         if batch is not None:
             records += [
-                {"key": k, "reference": r, "generated": g}
-                for k, r, g in zip(batch["key"], batch["report"], texts)
+                {"key": k, "reference": r, "generated": g, **dataset_labels(m)}
+                for k, r, g, m in zip(batch["key"], batch["report"], texts, batch["meta"])
             ]
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, records)
@@ -128,8 +128,16 @@ def evaluate(
     from shards.io import write_jsonl_atomic
 
     write_jsonl_atomic(Path(cfg.out) / "predictions.jsonl", records)
-    scores = evaluate_records(records)
+    scores = evaluate_records(records, ce_model=cfg.ce_model)
     return {"step": step, "n": len(records), **scores}
+
+
+def dataset_labels(meta: dict) -> dict:
+    """``{"labels": {class: 0/1}}`` from a sample's shard metadata when it has all 18, else {}."""
+    from shards.schema import CLASSES
+
+    labels = meta.get("labels") or {}
+    return {"labels": {c: int(labels[c]) for c in CLASSES}} if all(c in labels for c in CLASSES) else {}
 
 
 def nonempty(collate: Any) -> Any:
@@ -194,6 +202,10 @@ def run(cfg: TrainConfig) -> dict | None:
     data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
     check_hr_size(mcfg, data_path, eval_path)  # shards at another HR size: refused before any build
+    if cfg.eval and cfg.ce_model:  # missing classifier files: refused before training, not after
+        from hilt_scale.evaluation.radbert import classifier_files
+
+        classifier_files(cfg.ce_model)
     final_split, select_split = eval_splits(eval_path, cfg.eval_split)
     seed_everything(cfg.seed)
     model = build_run_model(cfg, mcfg, tokenizer_dir)
@@ -372,4 +384,4 @@ def baseline_scores(train_reports: list[str], cfg: TrainConfig) -> dict:
 
     report = constant_report(train_reports)
     records = read_jsonl(Path(cfg.out) / "predictions.jsonl")
-    return evaluate_records([{**r, "generated": report} for r in records])
+    return evaluate_records([{**r, "generated": report} for r in records], ce_model=cfg.ce_model)

@@ -27,6 +27,15 @@ from shards.io import atomic_write, read_jsonl, write_jsonl_atomic
 
 # The table's rows: the nine text metrics, their average, finding-level F1 (clinical efficacy).
 METRIC_COLUMNS = (*METRIC_NAMES, "average", "ce_micro_f1", "ce_macro_f1")
+# Further clinical-efficacy rows, shown when an evaluation has them (dataset labels, --ce-model).
+EXTRA_CE_ROWS = {
+    "ce_labels_micro_f1": "finding F1 micro (labeler vs dataset labels)",
+    "ce_labels_macro_f1": "finding F1 macro (labeler vs dataset labels)",
+    "radbert_ref_micro_f1": "RadBERT F1 micro (vs classifier on references)",
+    "radbert_ref_macro_f1": "RadBERT F1 macro (vs classifier on references)",
+    "radbert_labels_micro_f1": "RadBERT F1 micro (vs dataset labels)",
+    "radbert_labels_macro_f1": "RadBERT F1 macro (vs dataset labels)",
+}
 
 
 class RunLog:
@@ -181,7 +190,9 @@ def score_table(rows: dict[str, dict[str, Any]], title: str) -> Table:
         "ce_micro_f1": "finding F1 micro (CE, 0-1)",
         "ce_macro_f1": "finding F1 macro (CE, 0-1)",
     }
-    for key in METRIC_COLUMNS:
+    extra = [k for k in EXTRA_CE_ROWS if any(k in (scores or {}) for scores in rows.values())]
+    names.update(EXTRA_CE_ROWS)
+    for key in (*METRIC_COLUMNS, *extra):
         cells = []
         for scores in rows.values():
             value = scores.get(key)
