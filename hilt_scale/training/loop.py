@@ -148,16 +148,18 @@ def nonempty(collate: Any) -> Any:
 class Batches:
     """Endless micro-batches over epochs; the loader itself keeps the exact (epoch, position)."""
 
-    def __init__(self, loader: Any, trace: bool = False):
+    def __init__(self, loader: Any, trace: bool = False, meter: Any = None):
         self.loader = loader
         self.it = iter(loader)
         self.seen: list[str] | None = [] if trace else None
+        self.meter = meter  # a runlog.StepMeter: told each batch and the wait for it
 
     @property
     def epoch(self) -> int:
         return self.loader.epoch
 
     def next(self) -> dict:
+        t0 = time.perf_counter()
         while True:
             try:
                 batch = next(self.it)
@@ -166,6 +168,8 @@ class Batches:
                 batch = next(self.it)
             if len(batch["key"]):  # under --on-error skip a batch of only bad samples is empty
                 break
+        if self.meter is not None:
+            self.meter.batch(batch, time.perf_counter() - t0)
         if self.seen is not None:
             self.seen += batch["key"]
         return batch
@@ -193,7 +197,7 @@ def run(cfg: TrainConfig) -> dict | None:
     import deepspeed
 
     from hilt_scale.training import checkpoint
-    from hilt_scale.training.runlog import RunLog, plot_curves, score_table
+    from hilt_scale.training.runlog import RunLog, StepMeter, plot_curves, score_table
     from shards.io import write_json_atomic
     from shards.read import ShardLoader
 
@@ -233,7 +237,8 @@ def run(cfg: TrainConfig) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
-    step, batches = 0, Batches(loader, cfg.trace_keys)
+    meter = StepMeter(model, world)  # telemetry: tokens/s, data wait, memory, FLOPs, MFU
+    step, batches = 0, Batches(loader, cfg.trace_keys, meter)
     ckpt_dir = out / "checkpoints"
     identity = checkpoint.run_identity(cfg, mcfg, data_path, world, engine.zero_optimization_stage())
     say = print if rank == 0 else (lambda _msg: None)
@@ -244,7 +249,7 @@ def run(cfg: TrainConfig) -> dict | None:
         step = saved_step = client["step"]
         loader.load_state_dict(trainer["loader"])
         loader.skipped.update(trainer.get("skipped", {}))
-        batches = Batches(loader, cfg.trace_keys)
+        batches = Batches(loader, cfg.trace_keys, meter)
         checkpoint.set_rng_state(trainer["rng"])
 
     def save() -> None:
@@ -284,16 +289,19 @@ def run(cfg: TrainConfig) -> dict | None:
             f"{counts['total'] / 1e6:.2f}M, {total} steps x {cfg.total_batch} samples"
             + (f", resumed at step {step}" if step else "")
         )
+        log.print(meter.describe())
     scores = None
     with log:
         while step < total:
             t0 = time.perf_counter()
             loss = train_step(engine, batches, accum)
+            step_s = time.perf_counter() - t0
             step += 1
+            telemetry = meter.step(step_s)  # collective: every rank, every step
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}")
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
-            log.step(step, loss, lr, cfg.total_batch / (time.perf_counter() - t0), batches.epoch)
+            log.step(step, loss, lr, cfg.total_batch / step_s, batches.epoch, telemetry)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save()
             if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -328,6 +336,7 @@ def run(cfg: TrainConfig) -> dict | None:
             "steps": step,
             "world_size": world,
             "wall_s": round(time.perf_counter() - t_start, 1),
+            "telemetry": meter.means(),  # per-step throughput, memory, FLOPs, MFU (docs/TRAINING.md)
             "final": scores,
             "baseline_constant_report": baseline,
             "data": data_path,
