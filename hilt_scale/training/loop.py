@@ -102,15 +102,23 @@ def evaluate(
     """Generate reports for the eval split on all ranks, gather on rank 0, score, write predictions."""
     import torch.distributed as dist
 
+    from hilt_scale.training import zero3_eval
+
+    t0 = time.perf_counter()
     model = engine.module
-    stage3 = engine.zero_optimization_stage() == 3
-    # ZeRO-3: parameters are sharded, so every rank joins every forward; synced_gpus keeps a rank
-    # whose reports ended early stepping until all have, and an idle rank generates for a dummy.
-    kwargs = {"synced_gpus": True} if stage3 and world > 1 else {}
+    plan = None
+    if engine.zero_optimization_stage() == 3:  # a plain replica per rank where it fits (measured)
+        plan = zero3_eval.replica_plan(model)
+        if plan["mode"] == "replica":
+            model = zero3_eval.build_replica(model)
+    # Sharded parameters without a replica: every rank joins every forward; synced_gpus keeps a
+    # rank whose reports ended early stepping until all have, and an idle rank generates for a dummy.
+    lockstep = plan is not None and plan["mode"] != "replica"
+    kwargs = {"synced_gpus": True} if lockstep and world > 1 else {}
     hr_size = tuple(model.cfg.resolution.hr_size)
     records = []
     for batch in eval_inputs(eval_path, cfg, rank, world, skipped):
-        if batch is None and not stage3:
+        if batch is None and not lockstep:
             continue
         hr = batch["hr"] if batch is not None else torch.zeros((1, 1, *hr_size), dtype=torch.uint8)
         texts = model.generate(hr, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs)
@@ -119,8 +127,12 @@ def evaluate(
                 {"key": k, "reference": r, "generated": g, **dataset_labels(m)}
                 for k, r, g, m in zip(batch["key"], batch["report"], texts, batch["meta"])
             ]
+    if model is not engine.module:
+        model = None
+        zero3_eval.free_memory()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, records)
+    generate_s = round(time.perf_counter() - t0, 2)  # generation on all ranks, gathered
     if rank != 0:
         return None
     records = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
@@ -129,7 +141,8 @@ def evaluate(
 
     write_jsonl_atomic(Path(cfg.out) / "predictions.jsonl", records)
     scores = evaluate_records(records, ce_model=cfg.ce_model)
-    return {"step": step, "n": len(records), **scores}
+    zero3 = {"zero3_eval": plan} if plan else {}
+    return {"step": step, "n": len(records), "generate_s": generate_s, **scores, **zero3}
 
 
 def dataset_labels(meta: dict) -> dict:
