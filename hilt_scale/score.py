@@ -1,12 +1,14 @@
 """Score generated reports: nine text metrics + clinical efficacy, bootstrap CIs, benchmark tables.
 
-    python -m hilt_scale.score PRED.jsonl [--out metrics.json] [--bootstrap 1000]
+    python -m hilt_scale.score PRED.jsonl [--out metrics.json] [--bootstrap 1000] [--ce-model DIR]
     python -m hilt_scale.score --compare RUNDIR [RUNDIR ...]
 
 PRED.jsonl has one JSON object per line with ``key``, ``reference`` and ``generated`` (the
 trainer's ``predictions.jsonl``). Bad input is an error naming the file and line (non-UTF-8 or
 non-JSON line, missing key, non-string text, empty reference, duplicate key); an empty
 ``generated`` text is scored as it is (it earns 0) and counted in ``n_empty_generated``.
+An optional ``labels`` object (the data set's 18 class labels, 0/1) adds clinical efficacy
+against them; ``--ce-model DIR`` adds CT-CLIP's RadBERT classifier (docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def main(argv: list[str] | None = None) -> None:
         help="auto = pycocoevalcap's PTB tokenizer when Java is present, else the pure-Python approximation",
     )  # fmt: skip
     parser.add_argument("--compare", nargs="+", type=Path, metavar="RUNDIR", help="print the benchmark table")
+    parser.add_argument(
+        "--ce-model", type=Path, metavar="DIR",
+        help="also label with CT-CLIP's RadBERT classifier from this local directory "
+        "(RadBertClassifier.pth + the base model's config and tokenizer; docs/EVALUATION.md)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if (args.predictions is None) == (args.compare is None):
         parser.error("give either PRED.jsonl or --compare RUNDIR...")
@@ -40,14 +47,14 @@ def main(argv: list[str] | None = None) -> None:
             print(compare_table(args.compare))
             return
         scores = evaluate_records(
-            read_predictions(args.predictions), args.bootstrap, args.seed, args.tokenizer
+            read_predictions(args.predictions), args.bootstrap, args.seed, args.tokenizer, args.ce_model
         )
     except (OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(format_report(scores))
     if args.out is not None:
         write_json_atomic(args.out, scores)
-    print(json.dumps({k: v for k, v in scores.items() if k != "ce_per_class"}))
+    print(json.dumps({k: v for k, v in scores.items() if not k.endswith("per_class")}))
 
 
 if __name__ == "__main__":

@@ -115,6 +115,20 @@ def zero3_run(cache, tmp_path_factory) -> Path:
     return out
 
 
+def test_zero3_evaluation_from_a_replica_equals_per_token_gathering(cache, zero3_run, tmp_path):
+    """The replica each rank builds once per evaluation generates what DeepSpeed's per-token
+    gathering generates (the old path, forced with HILT_ZERO3_EVAL=per-token), same run."""
+    out = tmp_path / "per_token"
+    flags = ("--max-steps", "3", "--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "12")
+    run(deepspeed_two_ranks("zero3") + tiny_flags(cache, out, *flags), {"HILT_ZERO3_EVAL": "per-token"})
+    modes = [
+        json.loads((d / "summary.json").read_text())["final"]["zero3_eval"]["mode"] for d in (zero3_run, out)
+    ]
+    assert modes == ["replica", "per-token gathering"]
+    assert train_losses(out) == train_losses(zero3_run)
+    assert read_jsonl(out / "predictions.jsonl") == read_jsonl(zero3_run / "predictions.jsonl")
+
+
 def test_zero2_two_ranks_train_and_checkpoint(cache, tmp_path):
     out = tmp_path / "zero2"
     run(deepspeed_two_ranks("zero2") + tiny_flags(cache, out, "--max-steps", "3", "--no-eval"))

@@ -326,7 +326,9 @@ def label_reports(texts: Iterable[str]) -> list[dict[str, int]]:
 def clinical_efficacy(truth: list[dict[str, int]], predicted: list[dict[str, int]]) -> dict:
     """Precision, recall, F1 per class and micro/macro over classes, of predicted vs true labels.
 
-    Keys: ``ce_micro_{precision,recall,f1}``, ``ce_macro_{precision,recall,f1}`` and
+    Keys: ``ce_micro_{precision,recall,f1}``, ``ce_macro_{precision,recall,f1}``,
+    ``ce_weighted_{precision,recall,f1}`` (per-class values weighted by support, the "Weighted
+    Average" of CT-CLIP's ``text_classifier/eval.py``; 0 without any true positive label) and
     ``per_class`` -> {class: {precision, recall, f1, support}}. Scale 0-1. A class with no true
     and no predicted positive has P = R = F1 = 0 and still counts in the macro mean (as in
     scikit-learn's ``zero_division=0``), so macro scores on small sets are conservative.
@@ -344,6 +346,11 @@ def clinical_efficacy(truth: list[dict[str, int]], predicted: list[dict[str, int
     out = {f"ce_micro_{k}": v for k, v in prf(tp_all, fp_all, fn_all).items()}
     for k in ("precision", "recall", "f1"):
         out[f"ce_macro_{k}"] = sum(c[k] for c in per_class.values()) / len(CLASSES)
+    support = sum(c["support"] for c in per_class.values())
+    for k in ("precision", "recall", "f1"):
+        out[f"ce_weighted_{k}"] = (
+            sum(c[k] * c["support"] for c in per_class.values()) / support if support else 0.0
+        )
     out["per_class"] = per_class
     return out
 

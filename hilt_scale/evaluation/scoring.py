@@ -39,16 +39,30 @@ def check_records(records: Sequence[dict], source: str = "records") -> None:
         if rec["key"] in seen:
             raise ValueError(f"{where}: duplicate key {rec['key']!r} (first at {source}:{seen[rec['key']]})")
         seen[rec["key"]] = number
+        labels = rec.get("labels")
+        if labels is not None and not (
+            isinstance(labels, dict) and all(labels.get(name) in (0, 1) for name in CLASSES)
+        ):
+            raise ValueError(f"{where}: 'labels' must map each of the 18 CT-RATE classes to 0 or 1")
 
 
 def evaluate_records(
-    records: Sequence[dict], bootstrap: int = 0, seed: int = 0, tokenizer: str = "auto"
+    records: Sequence[dict],
+    bootstrap: int = 0,
+    seed: int = 0,
+    tokenizer: str = "auto",
+    ce_model: str | Path | None = None,
 ) -> dict:
     """Nine metrics (0-100) + clinical efficacy (0-1) of ``generated`` against ``reference``.
 
     Keys: those of ``metrics.compute_metrics`` (``tokenizer``: auto | ptb | python); ``ce_{micro,macro}_{precision,recall,f1}`` and
-    ``ce_per_class`` from labelling both texts with ``hilt_scale.labeler``; ``n``,
-    ``n_empty_generated``; with ``bootstrap`` > 0, ``ci95`` -> {average, ce_micro_f1,
+    ``ce_per_class`` from labelling both texts with ``hilt_scale.labeler`` (``ce_ground_truth``
+    names it: "labeler on references"); when every record has ``labels`` (the dataset's),
+    ``ce_labels_*`` and ``ce_labels_per_class`` score the labeler on generated text against them;
+    with ``ce_model`` (a local CT-CLIP RadBERT classifier, ``radbert.load_classifier``) also
+    ``radbert_ref_*`` (against the classifier on the references), ``radbert_labels_*`` (against
+    the dataset labels, when present), ``radbert_per_class`` and ``radbert`` (what was run);
+    ``n``, ``n_empty_generated``; with ``bootstrap`` > 0, ``ci95`` -> {average, ce_micro_f1,
     ce_macro_f1: [low, high]} from that many resamples of the reports.
     """
     check_records(records)
@@ -62,11 +76,62 @@ def evaluate_records(
     efficacy = clinical_efficacy(truth, predicted)
     out.update({k: v for k, v in efficacy.items() if k != "per_class"})
     out["ce_per_class"] = efficacy["per_class"]
+    out["ce_ground_truth"] = LABELER_TRUTH
+    labels = dataset_labels(records)
+    if labels is not None:
+        out.update(_prefixed(clinical_efficacy(labels, predicted), "ce_labels"))
+    if ce_model is not None:
+        out.update(radbert_scores(refs, gens, labels, ce_model))
     out["n"] = len(records)
     out["n_empty_generated"] = sum(1 for g in gens if not metrics.normalize(g))
     if bootstrap > 0:
         out["ci95"] = bootstrap_ci(scores, truth, predicted, bootstrap, seed)
         out["bootstrap"] = {"resamples": bootstrap, "seed": seed}
+    return out
+
+
+LABELER_TRUTH = "labeler on references"
+CLASSIFIER_TRUTH = "classifier on references"
+LABELS_TRUTH = "dataset labels"
+
+
+def dataset_labels(records: Sequence[dict]) -> list[dict[str, int]] | None:
+    """The records' ``labels`` (the data set's 18 class labels) when every record has them, else None."""
+    if records and all(r.get("labels") is not None for r in records):
+        return [r["labels"] for r in records]
+    return None
+
+
+def _prefixed(efficacy: dict, prefix: str) -> dict:
+    """``ce_micro_f1`` -> ``{prefix}_micro_f1``, ..., ``per_class`` -> ``{prefix}_per_class``."""
+    return {f"{prefix}_{k.removeprefix('ce_')}": v for k, v in efficacy.items()}
+
+
+def radbert_scores(
+    refs: Sequence[str], gens: Sequence[str], labels: list[dict[str, int]] | None, ce_model: str | Path
+) -> dict:
+    """CT-CLIP's RadBERT classifier on the generated reports, against the classifier's labels of
+    the references (``radbert_ref_*``) and, when given, the dataset labels (``radbert_labels_*``)."""
+    from hilt_scale.evaluation.radbert import MAX_LENGTH, THRESHOLD, load_classifier  # noqa: PLC0415
+
+    classifier = load_classifier(ce_model)
+    predicted = classifier.predict(gens)
+    truths = {CLASSIFIER_TRUTH: ("radbert_ref", classifier.predict(refs))}
+    if labels is not None:
+        truths[LABELS_TRUTH] = ("radbert_labels", labels)
+    out: dict = {
+        "radbert": {
+            "checkpoint": classifier.source,
+            "threshold": THRESHOLD,
+            "max_length": MAX_LENGTH,
+            "ground_truths": {name: prefix for name, (prefix, _) in truths.items()},
+        },
+        "radbert_per_class": {},
+    }
+    for name, (prefix, truth) in truths.items():
+        efficacy = _prefixed(clinical_efficacy(truth, predicted), prefix)
+        out["radbert_per_class"][name] = efficacy.pop(f"{prefix}_per_class")
+        out.update(efficacy)
     return out
 
 
@@ -143,7 +208,46 @@ def format_report(scores: dict) -> str:
         rows.append(
             f"tokenizer: {scores.get('tokenizer', 'ptb')} (pycocoevalcap PTBTokenizer, lowercased text)"
         )
+    if len(clinical_rows(scores)) > 1:
+        rows += ["", format_clinical(scores)]
     return "\n".join(rows)
+
+
+def clinical_rows(scores: dict) -> list[tuple[str, str, str, dict]]:
+    """(labels of generated text by, ground truth, key prefix, per-class dict) of each CE result."""
+    out = [("labeler", scores.get("ce_ground_truth", LABELER_TRUTH), "ce", scores.get("ce_per_class", {}))]
+    if "ce_labels_micro_f1" in scores:
+        out.append(("labeler", LABELS_TRUTH, "ce_labels", scores["ce_labels_per_class"]))
+    for truth, prefix in scores.get("radbert", {}).get("ground_truths", {}).items():
+        out.append(("CT-CLIP RadBERT", truth, prefix, scores["radbert_per_class"][truth]))
+    return out
+
+
+def format_clinical(scores: dict) -> str:
+    """Markdown: micro/macro P/R/F1 of each (labels of generated text, ground truth), then per class."""
+    rows = clinical_rows(scores)
+    lines = [
+        "| generated labelled by | ground truth | micro P | micro R | micro F1 | macro P | macro R | macro F1 "
+        "| weighted P | weighted R | weighted F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, truth, prefix, _ in rows:
+        cells = [
+            f"{scores[f'{prefix}_{a}_{m}']:.3f}"
+            for a in ("micro", "macro", "weighted")
+            for m in ("precision", "recall", "f1")
+        ]
+        lines.append(f"| {system} | {truth} | " + " | ".join(cells) + " |")
+    lines += ["", "per class, P / R / F1 (support):", ""]
+    lines.append("| class | " + " | ".join(f"{s}, vs {t}" for s, t, _, _ in rows) + " |")
+    lines.append("|---|" + "---|" * len(rows))
+    for name in CLASSES:
+        cells = [
+            f"{c['precision']:.2f} / {c['recall']:.2f} / {c['f1']:.2f} ({c['support']})"
+            for c in (per[name] for _, _, _, per in rows)
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- benchmark table

@@ -59,6 +59,9 @@ class TrainConfig:
     # capped by the sequence budget (prompt + visual tokens + report <= ModelConfig.max_length).
     max_new_tokens: int | None = None
     num_beams: int = 1
+    # Local CT-CLIP RadBERT classifier directory (docs/EVALUATION.md): clinical efficacy also with
+    # the field's classifier, beside the rule-based labeler; None = the labeler alone.
+    ce_model: str | None = None
     keep_checkpoints: int = 2
     eval: bool = True  # --no-eval: skip evaluation (and the baseline) entirely
     export: bool = True

@@ -104,25 +104,37 @@ def evaluate(
     """Generate reports for the eval split on all ranks, gather on rank 0, score, write predictions."""
     import torch.distributed as dist
 
+    from hilt_scale.training import zero3_eval
+
+    t0 = time.perf_counter()
     model = engine.module
-    stage3 = engine.zero_optimization_stage() == 3
-    # ZeRO-3: parameters are sharded, so every rank joins every forward; synced_gpus keeps a rank
-    # whose reports ended early stepping until all have, and an idle rank generates for a dummy.
-    kwargs = {"synced_gpus": True} if stage3 and world > 1 else {}
+    plan = None
+    if engine.zero_optimization_stage() == 3:  # a plain replica per rank where it fits (measured)
+        plan = zero3_eval.replica_plan(model)
+        if plan["mode"] == "replica":
+            model = zero3_eval.build_replica(model)
+    # Sharded parameters without a replica: every rank joins every forward; synced_gpus keeps a
+    # rank whose reports ended early stepping until all have, and an idle rank generates for a dummy.
+    lockstep = plan is not None and plan["mode"] != "replica"
+    kwargs = {"synced_gpus": True} if lockstep and world > 1 else {}
     hr_size = tuple(model.cfg.resolution.hr_size)
     records = []
     for batch in eval_inputs(eval_path, cfg, rank, world, skipped):
-        if batch is None and not stage3:
+        if batch is None and not lockstep:
             continue
         hr = batch["hr"] if batch is not None else torch.zeros((1, 1, *hr_size), dtype=torch.uint8)
         texts = model.generate(hr, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs)
         if batch is not None:
             records += [
-                {"key": k, "reference": r, "generated": g}
-                for k, r, g in zip(batch["key"], batch["report"], texts)
+                {"key": k, "reference": r, "generated": g, **dataset_labels(m)}
+                for k, r, g, m in zip(batch["key"], batch["report"], texts, batch["meta"])
             ]
+    if model is not engine.module:
+        model = None
+        zero3_eval.free_memory()
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, records)
+    generate_s = round(time.perf_counter() - t0, 2)  # generation on all ranks, gathered
     if rank != 0:
         return None
     records = sorted((r for part in gathered for r in part), key=lambda r: r["key"])
@@ -130,8 +142,17 @@ def evaluate(
     from shards.io import write_jsonl_atomic
 
     write_jsonl_atomic(Path(cfg.out) / "predictions.jsonl", records)
-    scores = evaluate_records(records)
-    return {"step": step, "n": len(records), **scores}
+    scores = evaluate_records(records, ce_model=cfg.ce_model)
+    zero3 = {"zero3_eval": plan} if plan else {}
+    return {"step": step, "n": len(records), "generate_s": generate_s, **scores, **zero3}
+
+
+def dataset_labels(meta: dict) -> dict:
+    """``{"labels": {class: 0/1}}`` from a sample's shard metadata when it has all 18, else {}."""
+    from shards.schema import CLASSES
+
+    labels = meta.get("labels") or {}
+    return {"labels": {c: int(labels[c]) for c in CLASSES}} if all(c in labels for c in CLASSES) else {}
 
 
 def nonempty(collate: Any) -> Any:
@@ -142,10 +163,11 @@ def nonempty(collate: Any) -> Any:
 class Batches:
     """Endless micro-batches over epochs; the loader itself keeps the exact (epoch, position)."""
 
-    def __init__(self, loader: Any, trace: bool = False):
+    def __init__(self, loader: Any, trace: bool = False, meter: Any = None):
         self.loader = loader
         self.it = iter(loader)
         self.seen: list[str] | None = [] if trace else None
+        self.meter = meter  # a runlog.StepMeter: told each batch and the wait for it
 
     @property
     def epoch(self) -> int:
@@ -156,6 +178,7 @@ class Batches:
         when a whole pass over this rank's samples gave none, instead of spinning forever."""
         from shards.ingest import DataError
 
+        t0 = time.perf_counter()
         empty, ends = 0, 0
         whole_pass = len(self.loader) if hasattr(self.loader, "__len__") else None
         while True:
@@ -178,6 +201,8 @@ class Batches:
                     f"a whole pass ({empty} batches) over this rank's samples gave no readable sample; "
                     f"skipped by reason: {dict(getattr(self.loader, 'skipped', {}))}",
                 )  # fmt: skip
+        if self.meter is not None:
+            self.meter.batch(batch, time.perf_counter() - t0)
         if self.seen is not None:
             self.seen += batch["key"]
         return batch
@@ -215,7 +240,7 @@ def run(cfg: TrainConfig) -> dict | None:
     import deepspeed
 
     from hilt_scale.training import checkpoint
-    from hilt_scale.training.runlog import RunLog, plot_curves, score_table
+    from hilt_scale.training.runlog import RunLog, StepMeter, plot_curves, score_table
     from shards.io import lock_dir, write_json_atomic
     from shards.read import ShardLoader
 
@@ -225,6 +250,10 @@ def run(cfg: TrainConfig) -> dict | None:
     data_path, tokenizer_dir = prepare_data(cfg, mcfg, rank, local)
     eval_path = cfg.eval_data or data_path
     check_hr_size(mcfg, data_path, eval_path)  # shards at another HR size: refused before any build
+    if cfg.eval and cfg.ce_model:  # missing classifier files: refused before training, not after
+        from hilt_scale.evaluation.radbert import classifier_files
+
+        classifier_files(cfg.ce_model)
     final_split, select_split = eval_splits(eval_path, cfg.eval_split)
     seed_everything(cfg.seed)
     model = build_run_model(cfg, mcfg, tokenizer_dir)
@@ -253,7 +282,8 @@ def run(cfg: TrainConfig) -> dict | None:
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
-    step, batches = 0, Batches(loader, cfg.trace_keys)
+    meter = StepMeter(model, world)  # telemetry: tokens/s, data wait, memory, FLOPs, MFU
+    step, batches = 0, Batches(loader, cfg.trace_keys, meter)
     ckpt_dir = out / "checkpoints"
     identity = checkpoint.run_identity(cfg, mcfg, data_path, world, engine.zero_optimization_stage())
     say = print if rank == 0 else (lambda _msg: None)
@@ -268,7 +298,7 @@ def run(cfg: TrainConfig) -> dict | None:
         step = saved_step = client["step"]
         loader.load_state_dict(trainer["loader"])
         loader.skipped.update(trainer.get("skipped", {}))
-        batches = Batches(loader, cfg.trace_keys)
+        batches = Batches(loader, cfg.trace_keys, meter)
         checkpoint.set_rng_state(trainer["rng"])
 
     def save() -> None:
@@ -308,20 +338,23 @@ def run(cfg: TrainConfig) -> dict | None:
             f"{counts['total'] / 1e6:.2f}M, {total} steps x {cfg.total_batch} samples"
             + (f", resumed at step {step}" if step else "")
         )
+        log.print(meter.describe())
     scores, stopped = None, None
     stop = preempt.StopRequest().install()  # SIGTERM / SIGINT / SIGUSR1: finish the step, save, stop
     with log:
         while step < total and stopped is None:
             t0 = time.perf_counter()
             loss = train_step(engine, batches, accum)
+            step_s = time.perf_counter() - t0
             step += 1
+            telemetry = meter.step(step_s)  # collective: every rank, every step
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss} at step {step}; {ckpt_dir / checkpoint.POINTER} still names the last "
                     f"finite checkpoint {checkpoint.pointer_tag(ckpt_dir)} (--resume-tag picks an older one)"
                 )
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.lr
-            log.step(step, loss, lr, cfg.total_batch / (time.perf_counter() - t0), batches.epoch)
+            log.step(step, loss, lr, cfg.total_batch / step_s, batches.epoch, telemetry)
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save()
             if cfg.eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
@@ -364,6 +397,7 @@ def run(cfg: TrainConfig) -> dict | None:
             "steps": step,
             "world_size": world,
             "wall_s": round(time.perf_counter() - t_start, 1),
+            "telemetry": meter.means(),  # per-step throughput, memory, FLOPs, MFU (docs/TRAINING.md)
             "final": scores,
             "baseline_constant_report": baseline,
             "data": data_path,
@@ -421,4 +455,4 @@ def baseline_scores(train_reports: list[str], cfg: TrainConfig) -> dict:
 
     report = constant_report(train_reports)
     records = read_jsonl(Path(cfg.out) / "predictions.jsonl")
-    return evaluate_records([{**r, "generated": report} for r in records])
+    return evaluate_records([{**r, "generated": report} for r in records], ce_model=cfg.ce_model)
