@@ -122,7 +122,7 @@ def pick_config(m: int, n: int, d: int, dtype: torch.dtype, interpret: bool | No
     """Tile sizes for M queries, N keys, head width d.
 
     GPU choices were checked by compiling for sm_90 with triton 3.6 and 3.9 (``python -m
-    kernels.bench --compile-only``): none spills registers. They are still to be tuned on a GPU
+    hilt_kernels.bench --compile-only``): none spills registers. They are still to be tuned on a GPU
     (``hilt_kernels.bench --sweep``).
     """
     interpret = interpreting() if interpret is None else interpret
