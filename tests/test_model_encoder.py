@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hilt_scale.model.attention import attention_entropy, hilt_attention
 from hilt_scale.model.config import ConnectorConfig, VisionConfig, lr_factor, model_config, preset
-from hilt_scale.model.connectors import HiltConnector
+from hilt_scale.model.connectors import HiltConnector, make_projector
 from hilt_scale.model.mllm import build_vision, encode_volumes, lr_view
 from hilt_scale.model.vit3d import ViT3D, input_channels, local_contrast
 from shards.phantom_report import HR_ONLY_KINDS
@@ -213,3 +214,17 @@ def test_a_wider_hu_window_keeps_calcium_apart_from_soft_tissue():
     assert cfg.vision.hu_window == (-1000.0, 1000.0)
     with pytest.raises(ValueError, match="int16"):
         to_unit_range(torch.zeros(1, 4, dtype=torch.uint8), (-1000.0, 1000.0))
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_projector_norm_gives_the_llm_tokens_of_one_scale_whatever_the_encoders(norm):
+    """Without the ViT's final LayerNorm token norms grow; connector.projector_norm normalises the
+    projector's input, so scaling the tokens leaves the LLM's visual tokens unchanged."""
+    torch.manual_seed(0)
+    projector = make_projector(ConnectorConfig(projector_norm=norm), 16, 24)
+    z = torch.randn(2, 3, 16) + 0.5
+    assert torch.allclose(projector(z), projector(8 * z), atol=1e-4) is norm
+    assert (
+        isinstance(HiltConnector(ConnectorConfig(projector_norm=norm), 16, 24).projector.norm, nn.LayerNorm)
+        is norm
+    )

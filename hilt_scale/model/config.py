@@ -71,6 +71,9 @@ class ConnectorConfig:
     projector_layers: int = 2
     # Hidden width of the MLP projector; 0 = the LLM width.
     projector_hidden: int = 0
+    # LayerNorm on the projector's input: for encoders without a final LayerNorm (vision.final_norm
+    # false), whose token norms grow with depth and training, the LLM then gets tokens of one scale.
+    projector_norm: bool = False
     # 2d: side of the square 2D patch over the HR volume's H x W plane (all D slices are channels);
     # 16 gives the paper's 256 tokens at 256x256x128 and 1024 at 512x512x256.
     patch_2d: int = 16

@@ -31,19 +31,25 @@ class MLPProjector(nn.Module):
     """``layers`` linear layers (``fc1``..``fcN``) with GELU between, vision width -> LLM width.
 
     layers=1 is a single linear map (LLaVA-1), 2 is LLaVA-1.5's mlp2x_gelu, 3 adds a hidden layer.
+    ``norm`` puts a LayerNorm on the input (``connector.projector_norm``).
     """
 
-    def __init__(self, in_width: int, out_width: int, hidden: int = 0, layers: int = 2) -> None:
+    def __init__(
+        self, in_width: int, out_width: int, hidden: int = 0, layers: int = 2, norm: bool = False
+    ) -> None:
         super().__init__()
         if not 1 <= layers <= 3:
             raise ValueError(f"projector layers={layers}; expected 1, 2 or 3")
         hidden = hidden or out_width
         widths = [in_width] + [hidden] * (layers - 1) + [out_width]
         self.layers = layers
+        self.norm = nn.LayerNorm(in_width) if norm else None
         for i in range(layers):
             setattr(self, f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
         for i in range(1, self.layers + 1):
             x = getattr(self, f"fc{i}")(F.gelu(x) if i > 1 else x)
         return x
@@ -51,7 +57,9 @@ class MLPProjector(nn.Module):
 
 def make_projector(cfg: ConnectorConfig, vision_width: int, llm_width: int) -> MLPProjector:
     """The connector's projector F as configured (``projector_layers``, ``projector_hidden``)."""
-    return MLPProjector(vision_width, llm_width, cfg.projector_hidden, cfg.projector_layers)
+    return MLPProjector(
+        vision_width, llm_width, cfg.projector_hidden, cfg.projector_layers, cfg.projector_norm
+    )
 
 
 class QueryAttentionConnector(nn.Module):
