@@ -35,30 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from shards.schema import CLASSES
+
 CHECKPOINT = "RadBertClassifier.pth"
 MAX_LENGTH = 512
 THRESHOLD = 0.5
-# The classifier's output order, as CT-CLIP's text_classifier/infer.py lists its label columns.
-LABELS: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+# The classifier's output order: CT-CLIP's text_classifier/infer.py lists its label columns in
+# CT-RATE's own order (tests/test_radbert.py holds infer.py's list and checks the two agree).
+LABELS: tuple[str, ...] = CLASSES
 # Buffers older transformers saved in the state dict and newer ones no longer register.
 _OPTIONAL_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
