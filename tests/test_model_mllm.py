@@ -238,3 +238,75 @@ def test_random_init_llm_is_reproducible_from_its_seed(tokenizer):
     b = build_model(micro_cfg(), tokenizer).llm.get_base_model().model.embed_tokens.weight
     c = build_model(micro_cfg(**{"llm.seed": "1"}), tokenizer).llm.get_base_model().model.embed_tokens.weight
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def labelled_batch(n: int, positive: list[int], known: list[int]) -> dict:
+    """Loader batch whose 'Lung nodule' label is 1 for ``positive`` rows (a bright cube there), with
+    CT-RATE labels in the metadata only for ``known`` rows."""
+    from shards.schema import CLASSES
+
+    hr = torch.full((n, 1, 16, 32, 32), 40, dtype=torch.uint8)
+    meta = []
+    for i in range(n):
+        if i in positive:
+            hr[i, :, 4:8, 8:14, 8:14] = 220
+        labels = {c: int(c == "Lung nodule" and i in positive) for c in CLASSES}
+        meta.append({"labels": labels} if i in known else {})
+    return {"key": [f"k{i}" for i in range(n)], "hr": hr, "report": (REPORTS * n)[:n], "meta": meta}
+
+
+def test_finding_targets_follow_the_ct_rate_class_order(tokenizer):
+    from hilt_scale.model.mllm import finding_targets
+    from shards.schema import CLASSES
+
+    labels = {c: 0 for c in CLASSES} | {"Emphysema": 1, "Lung nodule": 1}
+    targets, known = finding_targets([{"labels": labels}, {}, {"labels": {"Emphysema": 1}}])
+    assert known.tolist() == [True, False, False]  # a partial label row is not a label row
+    assert targets[0].nonzero().flatten().tolist() == sorted([CLASSES.index("Emphysema"), CLASSES.index("Lung nodule")])
+    assert targets[1:].sum() == 0
+    batch = ReportCollator(tokenizer, micro_cfg().prompt, 256, visual_tokens=8)(labelled_batch(3, [0], [0, 2]))
+    assert batch["finding_known"].tolist() == [True, False, True]
+    assert batch["finding_labels"][0, CLASSES.index("Lung nodule")] == 1
+
+
+def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp_path):
+    """The auxiliary finding loss: 0 keeps the paper's loss exactly; > 0 adds the head's BCE over
+    labelled samples only, teaches the visual path a finding, and leaves the export unchanged."""
+    torch.manual_seed(0)
+    plain = build_model(micro_cfg(), tokenizer)
+    torch.manual_seed(0)
+    aux = build_model(micro_cfg(findings_loss="1.0"), tokenizer)
+    assert plain.finding_head is None and aux.finding_head is not None
+    batch = aux.collator()(labelled_batch(4, positive=[0, 2], known=[0, 1, 2, 3]))
+    with torch.no_grad():
+        lm, total = plain(batch).item(), aux(batch).item()
+    assert total == pytest.approx(lm + aux.last_findings_loss.item(), rel=1e-5)
+    assert aux.last_findings_loss.item() == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=0.2)
+    # An unlabelled sample adds nothing: flipping its (unknown) targets leaves the loss as it is.
+    part = aux.collator()(labelled_batch(4, positive=[0, 2], known=[0, 2]))
+    with torch.no_grad():
+        before = aux(part).item()
+        part["finding_labels"][1] = 1 - part["finding_labels"][1]
+        assert aux(part).item() == pytest.approx(before, rel=1e-6)
+    # Only the visual path and the head learn: the nodule label is read from the volume.
+    opt = torch.optim.AdamW(
+        [p for n, p in aux.named_parameters() if n.startswith(("vision.", "connector.", "finding_head."))], lr=3e-3
+    )
+    from shards.schema import CLASSES
+
+    col = CLASSES.index("Lung nodule")
+    for _ in range(80):
+        loss = aux.finding_head_loss(aux.encode_images(batch["hr"]), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        visual = aux.encode_images(batch["hr"])
+        logits = aux.finding_head(torch.cat([visual.amax(1), visual.mean(1)], -1))[:, col]  # max, mean
+    assert loss.item() < 0.1
+    assert logits[[0, 2]].min() > logits[[1, 3]].max()
+    # The export carries no head and rebuilds the inference model (LM loss alone).
+    save_export(aux, tmp_path / "export")
+    again = load_export(tmp_path / "export")
+    assert again.finding_head is None
+    assert not any(k.startswith("finding_head") for k in aux.vision_state_dict())

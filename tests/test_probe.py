@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from hilt_scale.sweep import probe
 from hilt_scale.sweep.execute import build_phantom_shards
@@ -59,6 +60,7 @@ def test_probe_cli_writes_results_and_resumes(small_phantom, capsys):
     assert set(results["variants"]) == {"hilt", "pooled"} and len(results["runs"]) == 4
     hilt = results["variants"]["hilt"]
     assert hilt["visual_tokens"] == 64 and hilt["seeds"] == [0, 1]
+    assert all(r["readout"] == "max+mean" for r in results["runs"])  # the trainer's finding head
     table = (out / "cli" / "probe_results.md").read_text()
     assert table.count("\n| hilt |") == 1 and "(HR-only)" in table
     run = out / "cli" / "probe" / "hilt__seed-1.json"
@@ -68,3 +70,21 @@ def test_probe_cli_writes_results_and_resumes(small_phantom, capsys):
     assert run.stat().st_mtime_ns == stamp and "seed 1: AUC" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         probe.main(["--out", str(out / "bad"), "--data", data, "--variants", "hilt,cnn"])
+    with pytest.raises(SystemExit):
+        probe.main(["--out", str(out / "bad"), "--data", data, "--readout", "mean"])
+
+
+def test_probe_readouts_pool_tokens_as_named():
+    """max+mean reads a global shift that max alone misses when one token dominates."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="readout"):
+        probe.VisionProbe("vit-micro", "lr-only", "cpu-micro", readout="sum")
+    tokens = torch.zeros(2, 5, 3)
+    tokens[:, 0] = 10.0  # the same dominant token in both samples
+    tokens[1, 1:] = 1.0  # sample 1: every other token raised (a global change)
+    from hilt_scale.model.mllm import max_mean
+
+    pooled = max_mean(tokens)
+    assert pooled.shape == (2, 6)
+    assert torch.equal(pooled[0, :3], pooled[1, :3])  # the max cannot tell them apart
+    assert (pooled[1, 3:] > pooled[0, 3:]).all()  # the mean can

@@ -60,9 +60,10 @@ def test_telemetry_reaches_metrics_jsonl_and_the_console(monkeypatch, tmp_path, 
     meter.batch(_batch([[1, 1, 1]]), wait_s=0.1)
     row = meter.step(0.5)
     with RunLog(tmp_path, enabled=True, total_steps=1) as log:
-        log.step(1, 2.5, 1e-4, 8.0, 0, row)
+        log.step(1, 2.5, 1e-4, 8.0, 0, row, {"findings_loss": 0.25})
     logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert logged["loss"] == 2.5 and logged["text_tokens_per_s"] == pytest.approx(4.0)
+    assert logged["findings_loss"] == 0.25
     assert logged["data_wait_share"] == pytest.approx(0.2)
     out = capsys.readouterr().out
-    assert "16 vis + 4 text tok/s" in out and "data 20 %" in out
+    assert "16 vis + 4 text tok/s" in out and "data 20 %" in out and "findings_loss 0.2500" in out

@@ -106,11 +106,16 @@ def check_two_rank_run(out: Path) -> dict:
     return summary
 
 
+# The ZeRO-3 runs also train the auxiliary finding head (a parameter outside the LLM and the export).
+ZERO3_FLAGS = ("--max-steps", "3", "--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "12")
+ZERO3_FLAGS += ("--set", "findings_loss=0.5")
+
+
 @pytest.fixture(scope="module")
 def zero3_run(cache, tmp_path_factory) -> Path:
     """ZeRO-3 on two ranks, evaluating 3 volumes in batches of 1 (rank 1 makes one padding call)."""
     out = tmp_path_factory.mktemp("zero3") / "run"
-    flags = ("--max-steps", "3", "--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "12")
+    flags = ZERO3_FLAGS
     run(deepspeed_two_ranks("zero3") + tiny_flags(cache, out, *flags))
     return out
 
@@ -119,7 +124,7 @@ def test_zero3_evaluation_from_a_replica_equals_per_token_gathering(cache, zero3
     """The replica each rank builds once per evaluation generates what DeepSpeed's per-token
     gathering generates (the old path, forced with HILT_ZERO3_EVAL=per-token), same run."""
     out = tmp_path / "per_token"
-    flags = ("--max-steps", "3", "--eval-limit", "3", "--eval-batch", "1", "--max-new-tokens", "12")
+    flags = ZERO3_FLAGS
     run(deepspeed_two_ranks("zero3") + tiny_flags(cache, out, *flags), {"HILT_ZERO3_EVAL": "per-token"})
     modes = [
         json.loads((d / "summary.json").read_text())["final"]["zero3_eval"]["mode"] for d in (zero3_run, out)
@@ -137,6 +142,8 @@ def test_zero2_two_ranks_train_and_checkpoint(cache, tmp_path):
 
 def test_zero3_two_ranks_train_checkpoint_and_evaluate(zero3_run):
     summary = check_two_rank_run(zero3_run)
+    rows = [r for r in read_jsonl(zero3_run / "metrics.jsonl") if r["kind"] == "train"]
+    assert all(0 < r["findings_loss"] < r["loss"] for r in rows)  # logged, and a part of the loss
     keys = [r["key"] for r in read_jsonl(zero3_run / "predictions.jsonl")]
     assert len(keys) == 3 == len(set(keys)) and summary["final"]["n"] == 3
     assert {"average", "ce_micro_f1"} <= set(summary["final"]) and "average" in summary[

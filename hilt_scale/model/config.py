@@ -148,6 +148,11 @@ class ModelConfig:
     image_placeholder: str = "<image>"
     # LLM sequence budget: prompt + visual tokens + report.
     max_length: int = 512
+    # Weight of an auxiliary loss beside the report's cross-entropy: a linear head on the visual
+    # tokens (max and mean over tokens) predicts the sample's 18 CT-RATE finding labels (binary
+    # cross-entropy; samples without labels add nothing). 0 = the paper's objective, the report
+    # loss alone. The head is a training aid: it is not exported.
+    findings_loss: float = 0.0
 
 
 VISION_PRESETS: dict[str, VisionConfig] = {
@@ -408,6 +413,8 @@ def validate(cfg: ModelConfig) -> None:
             raise ValueError(
                 f"resolution.{name}={size} is not a multiple of resolution.patch_size={r.patch_size}"
             )
+    if not 0.0 <= cfg.findings_loss < float("inf"):
+        raise ValueError(f"findings_loss={cfg.findings_loss}; expected a finite weight >= 0")
     if cfg.image_placeholder not in cfg.prompt:
         raise ValueError(f"prompt {cfg.prompt!r} lacks the image placeholder {cfg.image_placeholder!r}")
 

@@ -126,6 +126,7 @@ def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: not an export directory (no config.json)")
     cfg = from_dict(json.loads(config_path.read_text()))
+    cfg.findings_loss = 0.0  # the auxiliary finding head is a training aid and is not exported
     base_file = src / "llm_base" / "model.safetensors"
     if (src / "llm_base").is_dir():
         cfg.llm.path = str(src / "llm_base")

@@ -24,7 +24,7 @@ from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.tokenizer import train_report_tokenizer
 from hilt_scale.model.vit3d import ViT3D
 from shards.batch import stack_batch
-from shards.schema import HU_WINDOW
+from shards.schema import CLASSES, HU_WINDOW
 
 # Sentinel id marking the image position in collated input_ids (LLaVA uses the same value).
 
@@ -126,10 +126,29 @@ class ReportCollator:
         out["input_ids"] = torch.tensor([r + [self.pad] * (width - len(r)) for r in rows])
         out["labels"] = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels])
         out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        out["finding_labels"], out["finding_known"] = finding_targets(batch.get("meta") or [{}] * len(rows))
         out["n_truncated"] = cut
         self.truncated += cut
         self.seen += len(rows)
         return out
+
+
+def max_mean(tokens: torch.Tensor) -> torch.Tensor:
+    """[B, N, C] tokens -> [B, 2C]: the max over tokens (a small finding lifts one token) beside the
+    mean (a global change lifts all): the readout of the finding head and of the vision probe."""
+    return torch.cat([tokens.amax(1), tokens.mean(1)], dim=-1)
+
+
+def finding_targets(meta: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, 18] 0/1 targets from each sample's CT-RATE labels (``shards.schema.CLASSES`` order) and
+    [B] whether the sample has all 18 (a sample without labels has all-zero targets, not known)."""
+    targets, known = [], []
+    for m in meta:
+        labels = m.get("labels") or {}
+        has = all(c in labels for c in CLASSES)
+        known.append(has)
+        targets.append([float(labels[c]) if has else 0.0 for c in CLASSES])
+    return torch.tensor(targets, dtype=torch.float32).reshape(len(meta), len(CLASSES)), torch.tensor(known)
 
 
 def resolve_attn_implementation(requested: str = "auto") -> str:
@@ -348,6 +367,13 @@ class HiltReportModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.tokenizer = tokenizer
+        # The auxiliary finding head (ModelConfig.findings_loss; not exported): max + mean of the
+        # visual tokens -> 18 logits. Its last loss is kept for the training log.
+        self.finding_head = None
+        if cfg.findings_loss > 0:
+            width = llm.get_input_embeddings().weight.shape[1]
+            self.finding_head = nn.Linear(2 * width, len(CLASSES))
+        self.last_findings_loss: torch.Tensor | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -399,7 +425,8 @@ class HiltReportModel(nn.Module):
         return torch.stack(out_e), torch.stack(out_m), (torch.stack(out_l) if labels is not None else None)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        """Mean next-token cross-entropy over report tokens."""
+        """Mean next-token cross-entropy over report tokens (+ ``findings_loss`` x the auxiliary
+        finding loss when the config asks for it)."""
         device = self.vision.patch_embed.weight.device
         visual = self.encode_images(batch["hr"])
         embeds, mask, labels = self.splice(
@@ -408,7 +435,27 @@ class HiltReportModel(nn.Module):
             batch["labels"].to(device),
             visual,
         )
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        loss = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        if self.finding_head is None:
+            return loss
+        aux = self.finding_head_loss(visual, batch)
+        self.last_findings_loss = aux.detach()
+        return loss + self.cfg.findings_loss * aux
+
+    def finding_head_loss(self, visual: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Binary cross-entropy of the finding head over the samples that have labels (0 if none).
+
+        Computed for every batch, labelled or not, so every rank uses the head in every step."""
+        device = visual.device
+        if "finding_labels" in batch:
+            targets, known = batch["finding_labels"].to(device), batch["finding_known"].to(device)
+        else:
+            targets, known = finding_targets(batch.get("meta") or [{}] * visual.shape[0])
+            targets, known = targets.to(device), known.to(device)
+        logits = self.finding_head(max_mean(visual).to(self.finding_head.weight.dtype)).float()
+        per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        weight = known.float()[:, None]
+        return (per * weight).sum() / (weight.sum() * per.shape[1]).clamp(min=1.0)
 
     @torch.no_grad()
     def image_dependence(self, batch: dict) -> dict[str, float]:

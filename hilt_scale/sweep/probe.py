@@ -32,7 +32,7 @@ from torch import nn
 
 from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config
 from hilt_scale.model.connectors import build_connector
-from hilt_scale.model.mllm import build_vision, encode_volumes
+from hilt_scale.model.mllm import build_vision, encode_volumes, max_mean
 from hilt_scale.sweep.grid import parse_list
 from hilt_scale.sweep.study import mean_std
 from shards.io import write_json_atomic, write_text_atomic
@@ -40,6 +40,7 @@ from shards.phantom_report import HR_ONLY_KINDS, KINDS, LR_VISIBLE_KINDS
 
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 GROUPS = {"auc_hr_only": HR_ONLY_KINDS, "auc_lr_visible": LR_VISIBLE_KINDS}
+READOUTS = ("max+mean", "max")
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -85,7 +86,8 @@ def load_split(shard_set: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class VisionProbe(nn.Module):
-    """ViT + connector (the trainer's visual path) + a linear head on the max over visual tokens."""
+    """ViT + connector (the trainer's visual path) + a linear head on the visual tokens' max and
+    mean (``readout="max+mean"``, the trainer's finding head) or their max alone (round 1-2)."""
 
     def __init__(
         self,
@@ -94,15 +96,19 @@ class VisionProbe(nn.Module):
         resolution: str,
         llm: str = "llm-tiny",
         sets: list[str] | None = None,
+        readout: str = "max+mean",
     ) -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout={readout!r}; expected one of {READOUTS}")
+        self.readout = readout
         self.cfg = model_config(
             vision=vision, connector=connector, llm=llm, resolution=resolution, overrides=sets
         )
         width = self.cfg.llm.hidden_size
         self.vision = build_vision(self.cfg)
         self.connector = build_connector(self.cfg.connector, self.cfg.vision.width, width)
-        self.head = nn.Linear(width, len(KIND_NAMES))
+        self.head = nn.Linear(width * (2 if readout == "max+mean" else 1), len(KIND_NAMES))
 
     @property
     def visual_tokens(self) -> int:
@@ -112,7 +118,8 @@ class VisionProbe(nn.Module):
     def forward(self, hr: torch.Tensor) -> torch.Tensor:
         res = self.cfg.resolution
         tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
-        return self.head(tokens.float().amax(dim=1))
+        tokens = tokens.float()
+        return self.head(max_mean(tokens) if self.readout == "max+mean" else tokens.amax(dim=1))
 
 
 def run_probe(
@@ -124,6 +131,7 @@ def run_probe(
     vision: str = "vit-micro-conv",
     resolution: str = "cpu-tiny",
     sets: list[str] | None = None,
+    readout: str = "max+mean",
     epochs: int = 12,
     batch: int = 8,
     lr: float = 1e-3,
@@ -131,7 +139,7 @@ def run_probe(
 ) -> dict[str, Any]:
     """Train one probe, return validation AUC per kind and per group, the loss curve and the time."""
     torch.manual_seed(seed)
-    model = VisionProbe(vision, variant, resolution, sets=sets).to(device)
+    model = VisionProbe(vision, variant, resolution, sets=sets, readout=readout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     (xt, yt), (xv, yv) = train, valid
     gen = torch.Generator().manual_seed(seed)
@@ -227,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override a model config field, e.g. --set connector.attn_scale=learned (repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--readout", choices=READOUTS, default="max+mean",
+        help="the head reads the tokens' max and mean (the trainer's finding head) or their max alone",
+    )  # fmt: skip
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -263,9 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r = run_probe(
                 variant, seed, train, valid, vision=a.vision, resolution=a.resolution, sets=a.sets,
-                epochs=a.epochs, batch=a.batch, lr=a.lr, device=device,
+                readout=a.readout, epochs=a.epochs, batch=a.batch, lr=a.lr, device=device,
             )  # fmt: skip
-            r.update(vision=a.vision, resolution=a.resolution, sets=a.sets, data=str(data), device=device)
+            r.update(
+                vision=a.vision, resolution=a.resolution, sets=a.sets, readout=a.readout, data=str(data),
+                device=device,
+            )  # fmt: skip
             write_json_atomic(path, r)
             runs.append(r)
             print(

@@ -215,8 +215,12 @@ class RunLog:
         samples_per_s: float,
         epoch: int,
         telemetry: dict[str, float] | None = None,
+        parts: dict[str, float] | None = None,
     ) -> None:
         """Record one optimizer step: metrics.jsonl row, TensorBoard scalars, progress bar.
+
+        ``parts`` are named parts of the loss (``findings_loss``: the auxiliary finding loss), in
+        the row and in TensorBoard under ``train/``.
 
         ``telemetry`` (``StepMeter.step``'s row) joins the metrics.jsonl row, goes to TensorBoard
         under ``perf/`` and, shortened, to the console line.
@@ -229,6 +233,7 @@ class RunLog:
             "step": step,
             "epoch": epoch,
             "loss": loss,
+            **(parts or {}),
             "lr": lr,
             "samples_per_s": samples_per_s,
             "time_s": round(time.perf_counter() - self._t0, 3),
@@ -240,6 +245,8 @@ class RunLog:
             self.tb.add_scalar("train/loss", loss, step)
             self.tb.add_scalar("train/lr", lr, step)
             self.tb.add_scalar("train/samples_per_s", samples_per_s, step)
+            for key, value in (parts or {}).items():
+                self.tb.add_scalar(f"train/{key}", value, step)
             for key, value in telemetry.items():
                 self.tb.add_scalar(f"perf/{key}", value, step)
         if self.progress is not None:
@@ -248,7 +255,9 @@ class RunLog:
             # A pipe or CI log shows no live bar: print a plain line every 5 % of the run instead.
             elapsed = time.perf_counter() - self._t0
             self.console.print(
-                f"step {step}/{self.total_steps}  epoch {epoch}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"step {step}/{self.total_steps}  epoch {epoch}  loss {loss:.4f}  "
+                + "".join(f"{k} {v:.4f}  " for k, v in (parts or {}).items())
+                + f"lr {lr:.2e}  "
                 f"{samples_per_s:.1f} samples/s  {perf + '  ' if perf else ''}elapsed {elapsed:.0f} s",
                 soft_wrap=True,  # one line per step in the log, whatever the width
             )
