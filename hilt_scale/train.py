@@ -10,6 +10,7 @@ Parse (a recipe, then flags over it), then run: hilt_scale.training.loop holds t
 """
 
 from hilt_scale.training.config import parse_args
+from hilt_scale.training.distributed import exit_after_run
 from hilt_scale.training.loop import run
 
 
@@ -20,3 +21,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    exit_after_run()  # a finished run: skip the interpreter's teardown (see its docstring)

@@ -188,3 +188,23 @@ def test_phantom_cache_entry_changes_with_the_generator_version(monkeypatch):
     monkeypatch.setattr("shards.phantom.PHANTOM_VERSION", 99)
     after = cache_entry(Path("/c"), 240, (32, 64, 64), 0)
     assert before != after and "v99" in after.name
+
+
+def test_exit_after_run_runs_the_exit_handlers_flushes_and_keeps_the_code():
+    """train.py ends a finished run with os._exit (no interpreter teardown): what atexit holds
+    (METEOR's JVM shutdown) must still run, and buffered output must not be lost."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('handler ran', flush=True))\n"
+        "from hilt_scale.training.distributed import exit_after_run\n"
+        "print('buffered', end='')\n"
+        "sys.stderr.write('err-buffered')\n"
+        "exit_after_run(3)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "bufferedhandler ran\n" and proc.stderr.endswith("err-buffered")
