@@ -310,3 +310,27 @@ def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp
     again = load_export(tmp_path / "export")
     assert again.finding_head is None
     assert not any(k.startswith("finding_head") for k in aux.vision_state_dict())
+
+
+def test_vision_lm_grad_false_stops_the_report_loss_at_the_vit(tokenizer):
+    """vision_lm_grad=false: the report loss trains the connector and the LLM, not the ViT; the
+    finding loss still trains the ViT. Refused without a finding loss (the ViT would never learn)."""
+    with pytest.raises(ValueError, match="vision_lm_grad=false needs findings_loss"):
+        build_model(micro_cfg(vision_lm_grad="false"), tokenizer)
+    batch_in = labelled_batch(2, positive=[0], known=[0, 1])
+    grads = {}
+    for flag in ("true", "false"):
+        torch.manual_seed(0)
+        model = build_model(micro_cfg(findings_loss="1.0", vision_lm_grad=flag), tokenizer)
+        batch = model.collator()(batch_in)
+        model.zero_grad()
+        model.cfg.findings_loss = 0.0  # the head still runs, weighted 0: the report loss alone
+        model(batch).backward()
+        named = dict(model.named_parameters())
+        grads[flag] = {n: named[n].grad for n in ("vision.patch_embed.weight", "connector.projector.fc1.weight")}
+        model.zero_grad()
+        model.finding_head_loss(model.encode_images(batch["hr"]), batch).backward()
+        assert named["vision.patch_embed.weight"].grad.abs().sum() > 0  # the finding loss reaches the ViT
+    assert grads["true"]["vision.patch_embed.weight"].abs().sum() > 0
+    assert grads["false"]["vision.patch_embed.weight"] is None or not grads["false"]["vision.patch_embed.weight"].any()
+    assert grads["false"]["connector.projector.fc1.weight"].abs().sum() > 0

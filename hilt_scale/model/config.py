@@ -153,6 +153,10 @@ class ModelConfig:
     # cross-entropy; samples without labels add nothing). 0 = the paper's objective, the report
     # loss alone. The head is a training aid: it is not exported.
     findings_loss: float = 0.0
+    # False: the report loss trains the connector, the LLM and its adapters but stops at the ViT's
+    # output; the ViT then learns from the finding loss alone (needs findings_loss > 0), as a
+    # separately trained vision tower would. True = the paper: the report loss trains everything.
+    vision_lm_grad: bool = True
 
 
 VISION_PRESETS: dict[str, VisionConfig] = {
@@ -415,6 +419,8 @@ def validate(cfg: ModelConfig) -> None:
             )
     if not 0.0 <= cfg.findings_loss < float("inf"):
         raise ValueError(f"findings_loss={cfg.findings_loss}; expected a finite weight >= 0")
+    if not cfg.vision_lm_grad and not cfg.findings_loss > 0:
+        raise ValueError("vision_lm_grad=false needs findings_loss > 0: the ViT would learn from nothing")
     if cfg.image_placeholder not in cfg.prompt:
         raise ValueError(f"prompt {cfg.prompt!r} lacks the image placeholder {cfg.image_placeholder!r}")
 

@@ -328,15 +328,13 @@ def lr_view(x: torch.Tensor, lr_size: Size3, mode: str = "area") -> torch.Tensor
     raise ValueError(f"resolution.lr_view={mode!r}; expected 'area' or 'trilinear'")
 
 
-def encode_volumes(
-    vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor, lr_mode: str = "area"
-) -> torch.Tensor:
-    """The visual path alone: [B, 1, D, H, W] (or [B, D, H, W]) volumes -> the connector's tokens.
-
-    The LR view is the HR volume resized to ``lr_size`` (``lr_view``, mode ``lr_mode``); which ViT
-    passes run depends on the connector (``needs_hr`` / ``needs_lr``). Used by the model and the
-    vision probe.
-    """
+def vision_features(
+    vision: ViT3D, connector: nn.Module, hr: torch.Tensor, lr_size: Size3, lr_mode: str = "area"
+) -> tuple[torch.Tensor | None, torch.Tensor | None, Size3]:
+    """The ViT's HR and LR token features of [B, 1, D, H, W] (or [B, D, H, W]) volumes, and the HR
+    grid: the connector's inputs. Which passes run depends on the connector (``needs_hr`` /
+    ``needs_lr``; None for a pass it skips). The LR view is the HR volume resized to ``lr_size``
+    (``lr_view``, mode ``lr_mode``)."""
     device = vision.patch_embed.weight.device
     if hr.dim() == 4:
         hr = hr.unsqueeze(1)
@@ -350,11 +348,18 @@ def encode_volumes(
     z_hr = z_lr = None
     hr_grid = vision.grid_of(x.shape[-3:]) if connector.needs_hr else (0, 0, 0)
     if connector.needs_lr:
-        lr = lr_view(x, lr_size, lr_mode)
-        z_lr = vision(lr)
+        z_lr = vision(lr_view(x, lr_size, lr_mode))
     if connector.needs_hr:
         z_hr = vision(x)
-    return connector(z_hr, z_lr, hr_grid)
+    return z_hr, z_lr, hr_grid
+
+
+def encode_volumes(
+    vision: ViT3D, connector: nn.Module, lr_size: Size3, hr: torch.Tensor, lr_mode: str = "area"
+) -> torch.Tensor:
+    """The visual path alone: volumes -> the connector's tokens (``vision_features`` then the
+    connector). Used by the model and the vision probe."""
+    return connector(*vision_features(vision, connector, hr, lr_size, lr_mode))
 
 
 class HiltReportModel(nn.Module):
@@ -428,12 +433,19 @@ class HiltReportModel(nn.Module):
         """Mean next-token cross-entropy over report tokens (+ ``findings_loss`` x the auxiliary
         finding loss when the config asks for it)."""
         device = self.vision.patch_embed.weight.device
-        visual = self.encode_images(batch["hr"])
+        res = self.cfg.resolution
+        z_hr, z_lr, hr_grid = vision_features(self.vision, self.connector, batch["hr"], res.lr_size, res.lr_view)
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        visual = self.connector(z_hr, z_lr, hr_grid).to(dtype)
+        lm_visual = visual
+        if not self.cfg.vision_lm_grad:  # the report loss stops at the connector's input
+            detach = lambda z: None if z is None else z.detach()  # noqa: E731
+            lm_visual = self.connector(detach(z_hr), detach(z_lr), hr_grid).to(dtype)
         embeds, mask, labels = self.splice(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             batch["labels"].to(device),
-            visual,
+            lm_visual,
         )
         loss = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
         if self.finding_head is None:
