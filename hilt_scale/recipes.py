@@ -14,13 +14,17 @@ from hilt_scale.training.config import TrainConfig
 
 
 def phantom_cpu() -> TrainConfig:
-    """The main job: phantom default, tiny ViT + random-init tiny Llama, 2-core CPU (~9 min)."""
+    """The main job: phantom default, tiny conv-stem ViT + random-init tiny Llama, 2-core CPU (~12 min)."""
     # A random-init LLM on 192 training volumes needs a higher learning rate and many epochs
     # instead of the paper's 1e-4 / batch 4, which assume pretrained LLM weights.
+    # The from-scratch encoder that sees one-voxel findings (vit-micro-conv, docs/MODEL.md) learns
+    # from the auxiliary finding loss, the report loss stopping at its output: with the report
+    # loss alone it wrote one report for every volume (docs/TRAINING.md, "The main job, measured").
     return TrainConfig(
         recipe="phantom-cpu",
         data=None,
-        vision="vit-micro",
+        vision="vit-micro-conv",
+        set=["findings_loss=1.0", "vision_lm_grad=false"],
         connector="hilt",
         llm="llm-tiny",
         resolution="cpu-tiny",

@@ -25,7 +25,7 @@ def test_cli_flags_override_the_recipe_and_accept_local_rank():
     cfg = parse_args(["--lr", "3e-4", "--set", "llm.lora_r=4", "--set", "vision.depth=1", "--local_rank=1"])
     assert cfg.recipe == "phantom-cpu" and cfg.lr == 3e-4
     assert cfg.epochs == phantom_cpu().epochs == 30.0  # the recipe's value where no flag is given
-    assert cfg.set == ["llm.lora_r=4", "vision.depth=1"]
+    assert cfg.set == [*phantom_cpu().set, "llm.lora_r=4", "vision.depth=1"]  # after the recipe's own
     assert cfg.local_rank == 1
     # --data changes nothing else: no default depends on another flag.
     own = parse_args(["--data", "/some/shards", "--no-eval"])

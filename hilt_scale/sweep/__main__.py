@@ -45,7 +45,7 @@ PASS_FLAGS = (
 # 30 epochs as the main job: at 10 the models had not yet learned the HR-only findings' wording.
 STUDY_BUDGET = {
     "resolution": "cpu-tiny",
-    "vision": "vit-micro",
+    "vision": "vit-micro-conv",  # the main job's encoder (and its finding loss, from the recipe)
     "llm": "llm-tiny",
     "epochs": "30",
     "num_beams": "1",
