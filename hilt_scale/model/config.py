@@ -162,8 +162,8 @@ class ModelConfig:
 VISION_PRESETS: dict[str, VisionConfig] = {
     "vit-micro": VisionConfig(name="vit-micro", width=64, depth=2, heads=2),
     # vit-micro that sees one-voxel findings (the vision probe's default, docs/SWEEPS.md; the main
-    # job with it writes one report for every volume, docs/TRAINING.md):
-    # local-contrast input channel, conv stem, no final LayerNorm.
+    # job's with findings_loss, docs/TRAINING.md): local-contrast input channel, conv stem, no
+    # final LayerNorm.
     "vit-micro-conv": VisionConfig(
         name="vit-micro-conv",
         width=64,
