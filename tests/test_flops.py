@@ -47,6 +47,11 @@ def _measured(model, batch, train: bool) -> dict[str, int]:
         ("pooled", "llm-micro", {"connector.pool_grid": "2,2,2"}),
         ("lr-only", "llm-micro", {}),
         ("2d", "llm-micro", {"connector.patch_2d": "8"}),
+        # The main job's encoder and losses: conv stem on two input channels, the finding head,
+        # the connector's second pass for the LLM.
+        ("hilt", "llm-micro", {"vision.input": "window+contrast", "vision.stem": "conv",
+                               "findings_loss": "1.0", "vision_lm_grad": "false"}),
+        ("lr-only", "llm-micro", {"vision.stem": "conv", "vision.stem_channels": "5", "findings_loss": "0.5"}),
     ],
 )
 def test_step_flops_match_flop_counter_on_the_real_forward_and_backward(connector, llm, overrides) -> None:
@@ -63,12 +68,14 @@ def test_step_flops_match_flop_counter_on_the_real_forward_and_backward(connecto
     tok = flops.vision_tokens(cfg)
     vit = sum(sum(flops.vit_pass(cfg, n, tok["patch_voxels"]).values()) for n in (tok["hr"], tok["lr"]) if n)
     assert 3 * vit == forward["vision"]
-    assert 3 * sum(flops.connector_pass(cfg, shape.hidden).values()) == forward["connector"]
+    passes = 1 if cfg.vision_lm_grad else 2  # vision_lm_grad=false: a second pass for the LLM
+    conn = flops.connector_pass(cfg, shape.hidden)
+    assert 3 * passes * (conn["attention"] + conn["projector"]) == forward["connector"]
     assert sum(flops.llm_pass(shape, 3, text_len - 1 + tok["visual"]).values()) == forward["llm"]
     # Forward + backward: the whole step.
     step = flops.step_flops(cfg, shape, [(3, text_len)])
     assert step["total"] == _measured(model, batch, train=True)["total"]
-    assert step["total"] == step["vit_hr"] + step["vit_lr"] + step["connector"] + step["llm"]
+    assert step["total"] == sum(step[k] for k in ("vit_hr", "vit_lr", "connector", "finding_head", "llm"))
 
 
 def test_the_vit_passes_follow_the_connector() -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hilt_scale.model.config import ModelConfig, Size3, grid
+from shards.schema import CLASSES
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, per device; the first name fragment found
 # in torch.cuda.get_device_name() wins, so the more specific names come first. Vendor data sheets.
@@ -89,9 +90,12 @@ def _linear(tokens: int, n_in: int, n_out: int) -> int:
 
 
 def vit_pass(cfg: ModelConfig, n_tokens: int, patch_voxels: int) -> dict[str, int]:
-    """Forward FLOPs of one ViT pass over ``n_tokens`` patches of one volume: ``patch`` (the
-    embedding) and ``blocks`` (qkv, attention, projection, MLP of every block)."""
-    c, hidden = cfg.vision.width, int(cfg.vision.width * cfg.vision.mlp_ratio)
+    """Forward FLOPs of one ViT pass over ``n_tokens`` patches of one volume: ``stem`` (the conv
+    stem's Conv3d 3x3x3 over every voxel; 0 for the paper's linear patch embedding), ``patch``
+    (the token embedding) and ``blocks`` (qkv, attention, projection, MLP of every block)."""
+    v = cfg.vision
+    c, hidden = v.width, int(v.width * v.mlp_ratio)
+    in_channels = 2 if v.input == "window+contrast" else 1
     per_block = (
         _linear(n_tokens, c, 3 * c)  # qkv
         + 2 * 2 * n_tokens * n_tokens * c  # Q·Kᵀ and P·V over all heads
@@ -99,7 +103,12 @@ def vit_pass(cfg: ModelConfig, n_tokens: int, patch_voxels: int) -> dict[str, in
         + _linear(n_tokens, c, hidden)
         + _linear(n_tokens, hidden, c)
     )
-    return {"patch": _linear(n_tokens, patch_voxels, c), "blocks": cfg.vision.depth * per_block}
+    if v.stem == "conv":
+        stem = 2 * n_tokens * patch_voxels * v.stem_channels * in_channels * 27
+        patch = _linear(n_tokens, v.stem_channels, c)
+    else:
+        stem, patch = 0, _linear(n_tokens, in_channels * patch_voxels, c)
+    return {"stem": stem, "patch": patch, "blocks": v.depth * per_block}
 
 
 def vision_tokens(cfg: ModelConfig) -> dict[str, Any]:
@@ -128,7 +137,8 @@ def vision_tokens(cfg: ModelConfig) -> dict[str, Any]:
 
 def connector_pass(cfg: ModelConfig, llm_hidden: int) -> dict[str, int]:
     """Forward FLOPs of the connector for one volume: ``attention`` (HILT / random queries:
-    queries against the HR tokens, no projections) and ``projector`` (the MLP F)."""
+    queries against the HR tokens, no projections) and ``projector`` (the MLP F; its first layer
+    alone: ``projector_first``)."""
     tok = vision_tokens(cfg)
     c, conn = cfg.vision.width, cfg.connector
     attention = 0
@@ -137,7 +147,7 @@ def connector_pass(cfg: ModelConfig, llm_hidden: int) -> dict[str, int]:
     hidden = conn.projector_hidden or llm_hidden
     widths = [c] + [hidden] * (conn.projector_layers - 1) + [llm_hidden]
     projector = sum(_linear(tok["visual"], a, b) for a, b in zip(widths, widths[1:]))
-    return {"attention": attention, "projector": projector}
+    return {"attention": attention, "projector": projector, "projector_first": _linear(tok["visual"], c, widths[1])}
 
 
 def llm_pass(shape: LLMShape, batch: int, seq: int) -> dict[str, int]:
@@ -175,19 +185,28 @@ def step_flops(cfg: ModelConfig, shape: LLMShape, micro_batches: list[tuple[int,
 
     ``micro_batches``: (volumes, padded text length of the collated ``input_ids``, image
     placeholder included) per micro-batch. Returns FLOPs per part (``vit_hr``, ``vit_lr``,
-    ``connector``, ``llm``) and ``total``.
+    ``connector``, ``finding_head``, ``llm``) and ``total``.
     """
     tok = vision_tokens(cfg)
-    hr = vit_pass(cfg, tok["hr"], tok["patch_voxels"]) if tok["hr"] else {"patch": 0, "blocks": 0}
-    lr = vit_pass(cfg, tok["lr"], tok["patch_voxels"]) if tok["lr"] else {"patch": 0, "blocks": 0}
+    none = {"stem": 0, "patch": 0, "blocks": 0}
+    hr = vit_pass(cfg, tok["hr"], tok["patch_voxels"]) if tok["hr"] else none
+    lr = vit_pass(cfg, tok["lr"], tok["patch_voxels"]) if tok["lr"] else none
     conn = connector_pass(cfg, shape.hidden)
-    out = {"vit_hr": 0, "vit_lr": 0, "connector": 0, "llm": 0}
+    out = {"vit_hr": 0, "vit_lr": 0, "connector": 0, "finding_head": 0, "llm": 0}
+    head = _linear(1, 2 * shape.hidden, len(CLASSES)) if cfg.findings_loss > 0 else 0
     for volumes, text_len in micro_batches:
-        # Trained parts: forward + input gradient + weight gradient (3F); the patch embedding's
-        # input is the volume (2F).
-        out["vit_hr"] += volumes * (2 * hr["patch"] + 3 * hr["blocks"])
-        out["vit_lr"] += volumes * (2 * lr["patch"] + 3 * lr["blocks"])
+        # Trained parts: forward + input gradient + weight gradient (3F). Inputs that need no
+        # gradient: the volume (the conv stem, or the linear patch embedding without one: 2F).
+        for part, vit in (("vit_hr", hr), ("vit_lr", lr)):
+            embed = 3 * vit["patch"] if vit["stem"] else 2 * vit["patch"]
+            out[part] += volumes * (2 * vit["stem"] + embed + 3 * vit["blocks"])
         out["connector"] += volumes * 3 * (conn["attention"] + conn["projector"])
+        if not cfg.vision_lm_grad:
+            # The LLM's second pass on the detached ViT features: the attention forward only; the
+            # projector 3F but for its first layer's input gradient (a learned attn_scale's
+            # gradient is not counted).
+            out["connector"] += volumes * (conn["attention"] + 3 * conn["projector"] - conn["projector_first"])
+        out["finding_head"] += volumes * 3 * head
         seq = text_len - 1 + tok["visual"]  # the placeholder becomes the visual tokens
         llm = llm_pass(shape, volumes, seq)
         out["llm"] += (
