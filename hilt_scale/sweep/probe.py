@@ -2,12 +2,13 @@
 
     python -m hilt_scale.sweep.probe --out DIR [--variants hilt,lr-only,...] [--seeds 0,1,2]
         [--phantom-n 1000] [--phantom-seed 0] [--vision vit-micro-conv] [--resolution cpu-tiny]
-        [--set connector.attn_scale=learned ...] [--epochs 12] [--device auto]
+        [--set connector.attn_scale=learned ...] [--readout max+mean|max] [--epochs 12] [--device auto]
 
 The hr-study (``--experiment hr-study``) asks the whole model to write the findings; when a
 variant fails there, the vision path and the language side are confounded. This trains, per
 variant and seed, the same ViT and connector as the trainer (``encode_volumes``: the tokens the
-LLM would get) with a linear head on the max over tokens, directly on the phantom's per-volume
+LLM would get) with a linear head on the max and the mean over tokens (the trainer's finding head
+reads the same; ``--readout max``: the max alone, as rounds 1-2), directly on the phantom's per-volume
 finding kinds (multi-label BCE, one logit per kind), and reports the validation ROC AUC per kind
 and its mean over each physical group (``auc_hr_only``, ``auc_lr_visible``; 0.5 = chance), and for
 the attention connectors the validation attention entropy (nats; log N_HR = uniform). Same
