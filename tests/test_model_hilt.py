@@ -1,6 +1,7 @@
 """HILT connector against a hand-written fp64 formula, the ViT's position embeddings, and the
 visual token counts of HILT and its ablations."""
 
+import dataclasses
 import math
 import warnings
 
@@ -215,3 +216,49 @@ def test_multi_head_hilt_equals_per_head_fp64_formula(impl):
     torch.testing.assert_close(conn(z_hr, z_lr, (2, 2, 5)), want, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="connector.heads"):
         HiltConnector(ConnectorConfig(heads=5), width, 16)
+
+
+def test_footprint_keys_read_only_the_hr_tokens_under_their_own_lr_patch():
+    """connector.keys=footprint: each LR query mixes the 8 HR tokens of its own patch (factor 2);
+    an HR token elsewhere cannot change it. Eager (fp64 formula) and SDPA agree, forward and backward."""
+    from hilt_scale.model.attention import attention_entropy, footprint_mask, hilt_attention
+
+    mask = footprint_mask((4, 6, 2), 6)  # LR grid (2, 3, 1)
+    assert mask.shape == (6, 48) and mask.sum(1).tolist() == [8] * 6 and mask.sum(0).tolist() == [1] * 48
+    # HR token (d, h, w) = (3, 5, 1) sits in LR patch (1, 2, 0) = LR index 1*3 + 2 = 5.
+    assert mask[5, (3 * 6 + 5) * 2 + 1] and not mask[0, (3 * 6 + 5) * 2 + 1]
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 48, 16, dtype=torch.float64, requires_grad=True)
+    out = hilt_attention(q, kv, 0.25, "eager", mask=mask)
+    sdpa = hilt_attention(q.float(), kv.float(), 0.25, "sdpa", mask=mask)
+    assert ((sdpa.double() - q) - (out - q)).norm() / (out - q).norm() < 1e-5  # the attention term
+    (ge,) = torch.autograd.grad(out.sum(), kv)
+    (gs,) = torch.autograd.grad(hilt_attention(q, kv, 0.25, "sdpa", mask=mask).sum(), kv)
+    assert torch.allclose(ge, gs, atol=1e-10)
+    moved = kv.detach().clone()
+    moved[:, (3 * 6 + 5) * 2 + 1] += 10.0  # an HR token in LR patch 5 only
+    again = hilt_attention(q.detach(), moved, 0.25, "eager", mask=mask)
+    changed = (again - out.detach()).abs().amax(-1)[0]
+    assert changed[5] > 0 and changed[:5].max() == 0
+    assert attention_entropy(q.detach(), kv.detach(), 0.25, mask=mask) <= torch.log(torch.tensor(8.0)) + 1e-6
+    with pytest.raises(ValueError, match="isotropic"):
+        footprint_mask((4, 6, 3), 6)
+
+
+def test_footprint_keys_need_hilt_and_build_a_model():
+    with pytest.raises(ValueError, match="footprint needs LR queries"):
+        model_config(connector="random-queries", resolution="cpu-micro", overrides={"connector.keys": "footprint"})
+    cfg = model_config(connector="hilt", resolution="cpu-micro", overrides={"connector.keys": "footprint"})
+    from hilt_scale.model.mllm import encode_volumes
+
+    torch.manual_seed(0)
+    vision = build_vision(cfg)
+    local = build_connector(cfg.connector, cfg.vision.width, 32)
+    wide = build_connector(dataclasses.replace(cfg.connector, keys="global"), cfg.vision.width, 32)
+    wide.load_state_dict(local.state_dict())
+    hr = torch.randint(0, 255, (2, 1, *cfg.resolution.hr_size), dtype=torch.uint8)
+    res = cfg.resolution
+    tokens = encode_volumes(vision, local, res.lr_size, hr)
+    assert tokens.shape == (2, math.prod(vision.grid_of(res.lr_size)), 32)
+    assert not torch.allclose(tokens, encode_volumes(vision, wide, res.lr_size, hr))

@@ -57,19 +57,47 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
+def footprint_mask(hr_grid: tuple[int, int, int], n_lr: int, device: torch.device | None = None) -> torch.Tensor:
+    """[N_lr, N_hr] bool: True where the HR token lies inside the LR token's patch (tokens in
+    row-major (D, H, W) order; the HR/LR factor is the same on every axis)."""
+    n_hr = math.prod(hr_grid)
+    f = round((n_hr / n_lr) ** (1 / 3))
+    if f < 1 or f**3 * n_lr != n_hr or any(g % f for g in hr_grid):
+        raise ValueError(
+            f"connector.keys=footprint: HR token grid {tuple(hr_grid)} and {n_lr} LR tokens have no "
+            "common isotropic factor"
+        )
+    d, h, w = (torch.arange(g, device=device) // f for g in hr_grid)
+    lr_h, lr_w = hr_grid[1] // f, hr_grid[2] // f
+    owner = ((d[:, None, None] * lr_h + h[None, :, None]) * lr_w + w[None, None, :]).flatten()
+    return owner[None, :] == torch.arange(n_lr, device=device)[:, None]
+
+
 def attention_entropy(
-    q: torch.Tensor, kv: torch.Tensor, scale: float | torch.Tensor, heads: int = 1
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    scale: float | torch.Tensor,
+    heads: int = 1,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Entropy (nats) of each query's softmax(q kv^T * scale) over the keys, averaged over batch,
-    heads and queries: log(N_keys) = uniform mixing, 0 = each query reads one key."""
+    """Entropy (nats) of each query's softmax(q kv^T * scale) over the keys (those ``mask`` allows),
+    averaged over batch, heads and queries: log(N_keys) = uniform mixing, 0 = each query reads one key."""
     if heads > 1:
         q, kv = _split_heads(q, heads), _split_heads(kv, heads)
-    p = torch.softmax((q.float() @ kv.float().transpose(-1, -2)) * scale, dim=-1)
+    logits = (q.float() @ kv.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
     return -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
 
 
 def hilt_attention(
-    q: torch.Tensor, kv: torch.Tensor, scale: float | torch.Tensor, impl: str = "sdpa", heads: int = 1
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    scale: float | torch.Tensor,
+    impl: str = "sdpa",
+    heads: int = 1,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``q + softmax(q kv^T * scale) kv`` with the chosen implementation (eager | sdpa | triton).
 
@@ -77,15 +105,22 @@ def hilt_attention(
     and merges them again (the paper uses one head). A tensor ``scale`` (a learned temperature)
     scales the query inside the softmax only: ``q + [qs + softmax(qs kv^T) kv] - qs`` with
     ``qs = q * scale``, so every implementation (the fused kernel too) runs at scale 1 and the
-    gradient reaches the temperature through ``qs``.
+    gradient reaches the temperature through ``qs``. ``mask`` ([N_q, N_kv] bool, True = attend:
+    ``footprint_mask``) restricts the keys; the fused kernel has none, so masked attention runs
+    on SDPA (or the eager formula when asked for).
     """
     if isinstance(scale, torch.Tensor):
         qs = q * scale.to(q.dtype)
-        return q - qs + hilt_attention(qs, kv, 1.0, impl, heads)
+        return q - qs + hilt_attention(qs, kv, 1.0, impl, heads, mask)
     if heads > 1:
         b, n, c = q.shape
-        out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl)
+        out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl, mask=mask)
         return out.transpose(1, 2).reshape(b, n, c)
+    if mask is not None:
+        if impl == "eager":
+            logits = (q @ kv.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+            return q + torch.softmax(logits, dim=-1) @ kv
+        return q + F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
     if impl == "triton":
         fn = _triton_hilt_attention() if q.is_cuda else None
         if fn is not None:

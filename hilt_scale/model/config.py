@@ -18,6 +18,7 @@ Size3 = tuple[int, int, int]
 CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d", "lr-only")
 ATTN_IMPLS = ("eager", "sdpa", "triton")
 ATTN_SCALES = ("rsqrt", "paper", "learned")
+ATTN_KEYS = ("global", "footprint")
 VISION_INPUTS = ("window", "window+contrast")
 VISION_STEMS = ("patch", "conv")
 LR_VIEWS = ("area", "trilinear")
@@ -63,6 +64,9 @@ class ConnectorConfig:
     attn_scale: str = "rsqrt"
     # Attention heads of HILT / random-queries (channels split C/heads, scale 1/sqrt(C/heads)); paper: 1.
     heads: int = 1
+    # HILT's keys: "global" = every HR token (the paper); "footprint" = only the HR tokens inside
+    # the query's own LR patch (isotropic HR/LR factor; SDPA with a mask, not the fused kernel).
+    keys: str = "global"
     # random-queries: number of learned queries (BLIP-style ablation).
     num_queries: int = 64
     # pooled: output token grid (D, H, W) after adaptive average pooling of the HR tokens.
@@ -390,6 +394,10 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"connector.attn_impl={c.attn_impl!r}; expected one of {ATTN_IMPLS}")
     if c.attn_scale not in ATTN_SCALES:
         raise ValueError(f"connector.attn_scale={c.attn_scale!r}; expected one of {ATTN_SCALES}")
+    if c.keys not in ATTN_KEYS:
+        raise ValueError(f"connector.keys={c.keys!r}; expected one of {ATTN_KEYS}")
+    if c.keys == "footprint" and c.kind != "hilt":
+        raise ValueError(f"connector.keys=footprint needs LR queries (connector.kind=hilt), not {c.kind!r}")
     if v.input not in VISION_INPUTS:
         raise ValueError(f"vision.input={v.input!r}; expected one of {VISION_INPUTS}")
     if v.stem not in VISION_STEMS:

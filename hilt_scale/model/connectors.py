@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.model.attention import attention_entropy, attn_scale_value, check_heads, hilt_attention
+from hilt_scale.model.attention import (
+    attention_entropy,
+    attn_scale_value,
+    check_heads,
+    footprint_mask,
+    hilt_attention,
+)
 from hilt_scale.model.config import ConnectorConfig, Size3
 
 
@@ -72,6 +78,7 @@ class QueryAttentionConnector(nn.Module):
         super().__init__()
         self.attn_impl = cfg.attn_impl
         self.heads = check_heads(cfg.heads, vision_width)
+        self.keys = cfg.keys
         start = attn_scale_value(cfg.attn_scale, vision_width // cfg.heads)
         # "learned": a trained temperature, scale = exp(log_scale); otherwise a constant float.
         self.log_scale = nn.Parameter(torch.tensor(math.log(start))) if cfg.attn_scale == "learned" else None
@@ -91,10 +98,11 @@ class QueryAttentionConnector(nn.Module):
 
     def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
         q = self.queries_for(z_hr, z_lr)
+        mask = footprint_mask(hr_grid, q.shape[1], q.device) if self.keys == "footprint" else None
         if self.record_entropy:
             with torch.no_grad():
-                self.last_entropy = float(attention_entropy(q, z_hr, self.scale, self.heads))
-        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads))
+                self.last_entropy = float(attention_entropy(q, z_hr, self.scale, self.heads, mask))
+        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads, mask))
 
 
 class HiltConnector(QueryAttentionConnector):
