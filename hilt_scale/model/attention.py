@@ -117,6 +117,8 @@ def hilt_attention(
         out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl, mask=mask)
         return out.transpose(1, 2).reshape(b, n, c)
     if mask is not None:
+        if impl == "triton":
+            _warn_once("HILT attention: the Triton kernel has no key mask (connector.keys=footprint); using sdpa")
         if impl == "eager":
             logits = (q @ kv.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
             return q + torch.softmax(logits, dim=-1) @ kv
