@@ -305,10 +305,16 @@ def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp
         logits = aux.finding_head(torch.cat([visual.amax(1), visual.mean(1)], -1))[:, col]  # max, mean
     assert loss.item() < 0.1
     assert logits[[0, 2]].min() > logits[[1, 3]].max()
-    # The export carries no head and rebuilds the inference model (LM loss alone).
+    # The export carries no head and rebuilds the inference model (LM loss alone), also from a
+    # run whose report loss stopped at the ViT (the recipe's setting).
     save_export(aux, tmp_path / "export")
     again = load_export(tmp_path / "export")
     assert again.finding_head is None
+    aux.cfg.vision_lm_grad = False
+    save_export(aux, tmp_path / "export2")
+    again = load_export(tmp_path / "export2")
+    assert again.finding_head is None and again.cfg.vision_lm_grad
+    assert again.generate(batch["hr"], max_new_tokens=5) == aux.generate(batch["hr"], max_new_tokens=5)
     assert not any(k.startswith("finding_head") for k in aux.vision_state_dict())
 
 

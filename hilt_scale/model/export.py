@@ -126,7 +126,9 @@ def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: not an export directory (no config.json)")
     cfg = from_dict(json.loads(config_path.read_text()))
-    cfg.findings_loss = 0.0  # the auxiliary finding head is a training aid and is not exported
+    # Training-only options: the finding head is not exported, and where the report loss stops
+    # means nothing at inference. The inference model is the plain one.
+    cfg.findings_loss, cfg.vision_lm_grad = 0.0, True
     base_file = src / "llm_base" / "model.safetensors"
     if (src / "llm_base").is_dir():
         cfg.llm.path = str(src / "llm_base")
