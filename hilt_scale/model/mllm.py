@@ -455,15 +455,11 @@ class HiltReportModel(nn.Module):
         return loss + self.cfg.findings_loss * aux
 
     def finding_head_loss(self, visual: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Binary cross-entropy of the finding head over the samples that have labels (0 if none).
+        """Binary cross-entropy of the finding head over the samples that have labels (0 if none),
+        targets from the collated batch (``ReportCollator``: ``finding_labels``, ``finding_known``).
 
         Computed for every batch, labelled or not, so every rank uses the head in every step."""
-        device = visual.device
-        if "finding_labels" in batch:
-            targets, known = batch["finding_labels"].to(device), batch["finding_known"].to(device)
-        else:
-            targets, known = finding_targets(batch.get("meta") or [{}] * visual.shape[0])
-            targets, known = targets.to(device), known.to(device)
+        targets, known = batch["finding_labels"].to(visual.device), batch["finding_known"].to(visual.device)
         logits = self.finding_head(max_mean(visual).to(self.finding_head.weight.dtype)).float()
         per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         weight = known.float()[:, None]
