@@ -19,12 +19,14 @@ def phantom_cpu() -> TrainConfig:
     # instead of the paper's 1e-4 / batch 4, which assume pretrained LLM weights.
     # The from-scratch encoder that sees one-voxel findings (vit-micro-conv, docs/MODEL.md) learns
     # from the auxiliary finding loss, the report loss stopping at its output: with the report
-    # loss alone it wrote one report for every volume (docs/TRAINING.md, "The main job, measured").
+    # loss alone it wrote one report for every volume. Footprint keys keep a one-voxel finding in
+    # its LR token (vision probe, 3 seeds), and the finding head's probabilities reach the LLM as
+    # finding tokens, taught with the labels (docs/TRAINING.md, "The main job, measured").
     return TrainConfig(
         recipe="phantom-cpu",
         data=None,
         vision="vit-micro-conv",
-        set=["findings_loss=1.0", "vision_lm_grad=false"],
+        set=["findings_loss=1.0", "vision_lm_grad=false", "connector.keys=footprint", "finding_tokens=teacher"],
         connector="hilt",
         llm="llm-tiny",
         resolution="cpu-tiny",

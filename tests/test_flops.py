@@ -52,6 +52,9 @@ def _measured(model, batch, train: bool) -> dict[str, int]:
         ("hilt", "llm-micro", {"vision.input": "window+contrast", "vision.stem": "conv",
                                "findings_loss": "1.0", "vision_lm_grad": "false"}),
         ("lr-only", "llm-micro", {"vision.stem": "conv", "vision.stem_channels": "5", "findings_loss": "0.5"}),
+        # The main job: footprint keys (block-local attention) and the finding tokens in the LLM.
+        ("hilt", "llm-micro", {"vision.input": "window+contrast", "vision.stem": "conv", "connector.keys": "footprint",
+                               "findings_loss": "1.0", "vision_lm_grad": "false", "finding_tokens": "teacher"}),
     ],
 )
 def test_step_flops_match_flop_counter_on_the_real_forward_and_backward(connector, llm, overrides) -> None:
@@ -71,7 +74,7 @@ def test_step_flops_match_flop_counter_on_the_real_forward_and_backward(connecto
     passes = 1 if cfg.vision_lm_grad else 2  # vision_lm_grad=false: a second pass for the LLM
     conn = flops.connector_pass(cfg, shape.hidden)
     assert 3 * passes * (conn["attention"] + conn["projector"]) == forward["connector"]
-    assert sum(flops.llm_pass(shape, 3, text_len - 1 + tok["visual"]).values()) == forward["llm"]
+    assert sum(flops.llm_pass(shape, 3, text_len - 1 + flops.llm_image_tokens(cfg)).values()) == forward["llm"]
     # Forward + backward: the whole step.
     step = flops.step_flops(cfg, shape, [(3, text_len)])
     assert step["total"] == _measured(model, batch, train=True)["total"]

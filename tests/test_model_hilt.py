@@ -220,35 +220,51 @@ def test_multi_head_hilt_equals_per_head_fp64_formula(impl):
 
 def test_footprint_keys_read_only_the_hr_tokens_under_their_own_lr_patch():
     """connector.keys=footprint: each LR query mixes the 8 HR tokens of its own patch (factor 2);
-    an HR token elsewhere cannot change it. Eager (fp64 formula) and SDPA agree, forward and backward."""
-    from hilt_scale.model.attention import attention_entropy, footprint_mask, hilt_attention
+    an HR token elsewhere cannot change it. The block-local computation equals the global formula
+    with the footprint mask (fp64, written here), forward and backward, with 1 and 2 heads."""
+    from hilt_scale.model.attention import attention_entropy, footprint_attention, footprint_mask
 
     mask = footprint_mask((4, 6, 2), 6)  # LR grid (2, 3, 1)
     assert mask.shape == (6, 48) and mask.sum(1).tolist() == [8] * 6 and mask.sum(0).tolist() == [1] * 48
     # HR token (d, h, w) = (3, 5, 1) sits in LR patch (1, 2, 0) = LR index 1*3 + 2 = 5.
     assert mask[5, (3 * 6 + 5) * 2 + 1] and not mask[0, (3 * 6 + 5) * 2 + 1]
+
+    def masked(q, kv, scale, heads):  # the paper's formula over all keys, other patches masked out
+        b, n, c = q.shape
+        qh, kh = (x.view(b, -1, heads, c // heads).transpose(1, 2) for x in (q, kv))
+        logits = (qh @ kh.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        return q + (torch.softmax(logits, -1) @ kh).transpose(1, 2).reshape(b, n, c)
+
     torch.manual_seed(0)
-    q = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
-    kv = torch.randn(2, 48, 16, dtype=torch.float64, requires_grad=True)
-    out = hilt_attention(q, kv, 0.25, "eager", mask=mask)
-    sdpa = hilt_attention(q.float(), kv.float(), 0.25, "sdpa", mask=mask)
-    assert ((sdpa.double() - q) - (out - q)).norm() / (out - q).norm() < 1e-5  # the attention term
-    (ge,) = torch.autograd.grad(out.sum(), kv)
-    (gs,) = torch.autograd.grad(hilt_attention(q, kv, 0.25, "sdpa", mask=mask).sum(), kv)
-    assert torch.allclose(ge, gs, atol=1e-10)
+    for heads in (1, 2):
+        q = torch.randn(2, 6, 16, dtype=torch.float64, requires_grad=True)
+        kv = torch.randn(2, 48, 16, dtype=torch.float64, requires_grad=True)
+        want = masked(q, kv, 0.25, heads)
+        got = footprint_attention(q, kv, (4, 6, 2), 0.25, heads)
+        assert ((got - q) - (want - q)).norm() / (want - q).norm() < 1e-12  # the attention term
+        g = torch.randn_like(want)
+        gw = torch.autograd.grad(want, (q, kv), g)
+        gg = torch.autograd.grad(got, (q, kv), g)
+        for a, b in zip(gg, gw):
+            assert (a - b).norm() / b.norm() < 1e-12
+    out = footprint_attention(q.detach(), kv.detach(), (4, 6, 2), 0.25)
     moved = kv.detach().clone()
     moved[:, (3 * 6 + 5) * 2 + 1] += 10.0  # an HR token in LR patch 5 only
-    again = hilt_attention(q.detach(), moved, 0.25, "eager", mask=mask)
-    changed = (again - out.detach()).abs().amax(-1)[0]
+    again = footprint_attention(q.detach(), moved, (4, 6, 2), 0.25)
+    changed = (again - out).abs().amax(-1)[0]
     assert changed[5] > 0 and changed[:5].max() == 0
     assert attention_entropy(q.detach(), kv.detach(), 0.25, mask=mask) <= torch.log(torch.tensor(8.0)) + 1e-6
     with pytest.raises(ValueError, match="isotropic"):
         footprint_mask((4, 6, 3), 6)
+    with pytest.raises(ValueError, match="isotropic"):
+        footprint_attention(q, torch.randn(2, 72, 16, dtype=torch.float64), (4, 6, 3), 0.25)
 
 
 def test_footprint_keys_need_hilt_and_build_a_model():
-    with pytest.raises(ValueError, match="footprint needs LR queries"):
+    with pytest.raises(ValueError, match="footprint needs LR queries.*set connector.keys=global"):
         model_config(connector="random-queries", resolution="cpu-micro", overrides={"connector.keys": "footprint"})
+    for kind in ("lr-only", "all-tokens", "pooled", "2d"):  # no attention: the keys are unused
+        model_config(connector=kind, resolution="cpu-micro", overrides={"connector.keys": "footprint"})
     cfg = model_config(connector="hilt", resolution="cpu-micro", overrides={"connector.keys": "footprint"})
     from hilt_scale.model.mllm import encode_volumes
 

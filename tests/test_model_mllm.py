@@ -296,7 +296,7 @@ def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp
 
     col = CLASSES.index("Lung nodule")
     for _ in range(80):
-        loss = aux.finding_head_loss(aux.encode_images(batch["hr"]), batch)
+        loss = aux.finding_head_loss(aux.finding_logits(aux.encode_images(batch["hr"])), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -318,6 +318,73 @@ def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp
     assert not any(k.startswith("finding_head") for k in aux.vision_state_dict())
 
 
+def test_finding_tokens_carry_the_head_probabilities_into_the_llm_and_are_exported(tokenizer, tmp_path):
+    """finding_tokens: 18 tokens after the visual ones, token k = p_k present_k + (1 - p_k) absent_k
+    with p the head's probability; the report loss trains the embeddings, not the head (detached);
+    the export keeps head and embeddings, and the loaded model writes the same reports."""
+    from shards.schema import CLASSES
+
+    with pytest.raises(ValueError, match="finding_tokens=predicted needs findings_loss"):
+        build_model(micro_cfg(finding_tokens="predicted"), tokenizer)
+    with pytest.raises(ValueError, match="finding_tokens='yes'; expected one of"):
+        build_model(micro_cfg(findings_loss="1.0", finding_tokens="yes"), tokenizer)
+    torch.manual_seed(0)
+    plain = build_model(micro_cfg(findings_loss="1.0"), tokenizer)
+    torch.manual_seed(0)
+    model = build_model(micro_cfg(findings_loss="1.0", finding_tokens="predicted"), tokenizer)
+    assert model.num_visual_tokens == plain.num_visual_tokens + len(CLASSES)
+    batch = model.collator()(labelled_batch(2, positive=[0], known=[]))  # no labels: report loss only
+    assert model.collator().report_budget == plain.collator().report_budget - 18  # the sequence budget
+    hr = batch["hr"]
+    k = CLASSES.index("Lung nodule")
+    with torch.no_grad():
+        tokens = model.encode_images(hr)
+        assert tokens.shape[1] == model.num_visual_tokens
+        torch.testing.assert_close(tokens[:, : plain.num_visual_tokens], plain.encode_images(hr))
+        for bias, want in ((30.0, model.finding_present[k]), (-30.0, model.finding_absent[k])):
+            model.finding_head.bias[k] = bias
+            row = model.encode_images(hr)[:, plain.num_visual_tokens + k]
+            torch.testing.assert_close(row, want.expand_as(row))
+        model.finding_head.bias[k] = 0.0
+    model.zero_grad()
+    model(batch).backward()
+    assert model.finding_head.weight.grad is None or model.finding_head.weight.grad.abs().max() == 0
+    assert model.finding_present.grad.abs().max() > 0 and model.finding_absent.grad.abs().max() > 0
+    names = set(model.vision_state_dict())
+    assert {"finding_head.weight", "finding_present", "finding_absent"} <= names
+    save_export(model, tmp_path / "export")
+    again = load_export(tmp_path / "export")
+    assert again.cfg.finding_tokens == "predicted" and again.finding_head is not None
+    assert again.generate(hr, max_new_tokens=5) == model.generate(hr, max_new_tokens=5)
+
+
+def test_teacher_finding_tokens_hold_the_labels_in_training_and_the_head_in_generation(tokenizer):
+    """finding_tokens=teacher: a training forward builds the tokens from the sample's labels where
+    it has them (the head cannot change its report loss), from the head where it has none; an
+    eval forward and generation always use the head."""
+    torch.manual_seed(0)
+    model = build_model(micro_cfg(findings_loss="1.0", finding_tokens="teacher"), tokenizer)
+    k = 0
+
+    def report_loss(batch, bias, train):
+        with torch.no_grad():
+            model.finding_head.bias[k] = bias
+            model.train(train)
+            torch.manual_seed(1)  # the same LoRA dropout masks in every call
+            total = model(batch).item()
+            return total - model.last_findings_loss.item()
+
+    labelled = model.collator()(labelled_batch(2, positive=[0], known=[0, 1]))
+    unlabelled = model.collator()(labelled_batch(2, positive=[0], known=[]))
+    assert report_loss(labelled, 20.0, True) == pytest.approx(report_loss(labelled, -20.0, True), abs=1e-6)
+    assert report_loss(unlabelled, 20.0, True) != pytest.approx(report_loss(unlabelled, -20.0, True), abs=1e-4)
+    assert report_loss(labelled, 20.0, False) != pytest.approx(report_loss(labelled, -20.0, False), abs=1e-4)
+    with torch.no_grad():
+        model.finding_head.bias[k] = 20.0
+        row = model.encode_images(labelled["hr"])[:, -18 + k]
+    torch.testing.assert_close(row, model.finding_present[k].detach().expand_as(row))
+
+
 def test_vision_lm_grad_false_stops_the_report_loss_at_the_vit(tokenizer):
     """vision_lm_grad=false: the report loss trains the connector and the LLM, not the ViT; the
     finding loss still trains the ViT. Refused without a finding loss (the ViT would never learn)."""
@@ -335,7 +402,7 @@ def test_vision_lm_grad_false_stops_the_report_loss_at_the_vit(tokenizer):
         named = dict(model.named_parameters())
         grads[flag] = {n: named[n].grad for n in ("vision.patch_embed.weight", "connector.projector.fc1.weight")}
         model.zero_grad()
-        model.finding_head_loss(model.encode_images(batch["hr"]), batch).backward()
+        model.finding_head_loss(model.finding_logits(model.encode_images(batch["hr"])), batch).backward()
         assert named["vision.patch_embed.weight"].grad.abs().sum() > 0  # the finding loss reaches the ViT
     assert grads["true"]["vision.patch_embed.weight"].abs().sum() > 0
     assert grads["false"]["vision.patch_embed.weight"] is None or not grads["false"]["vision.patch_embed.weight"].any()

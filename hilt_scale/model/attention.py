@@ -57,9 +57,8 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, n, heads, c // heads).transpose(1, 2)
 
 
-def footprint_mask(hr_grid: tuple[int, int, int], n_lr: int, device: torch.device | None = None) -> torch.Tensor:
-    """[N_lr, N_hr] bool: True where the HR token lies inside the LR token's patch (tokens in
-    row-major (D, H, W) order; the HR/LR factor is the same on every axis)."""
+def footprint_factor(hr_grid: tuple[int, int, int], n_lr: int) -> int:
+    """The HR/LR token factor f of connector.keys=footprint (the same on every axis), else an error."""
     n_hr = math.prod(hr_grid)
     f = round((n_hr / n_lr) ** (1 / 3))
     if f < 1 or f**3 * n_lr != n_hr or any(g % f for g in hr_grid):
@@ -67,10 +66,40 @@ def footprint_mask(hr_grid: tuple[int, int, int], n_lr: int, device: torch.devic
             f"connector.keys=footprint: HR token grid {tuple(hr_grid)} and {n_lr} LR tokens have no "
             "common isotropic factor"
         )
+    return f
+
+
+def footprint_mask(hr_grid: tuple[int, int, int], n_lr: int, device: torch.device | None = None) -> torch.Tensor:
+    """[N_lr, N_hr] bool: True where the HR token lies inside the LR token's patch (tokens in
+    row-major (D, H, W) order; the HR/LR factor is the same on every axis)."""
+    f = footprint_factor(hr_grid, n_lr)
     d, h, w = (torch.arange(g, device=device) // f for g in hr_grid)
     lr_h, lr_w = hr_grid[1] // f, hr_grid[2] // f
     owner = ((d[:, None, None] * lr_h + h[None, :, None]) * lr_w + w[None, None, :]).flatten()
     return owner[None, :] == torch.arange(n_lr, device=device)[:, None]
+
+
+def footprint_blocks(kv: torch.Tensor, hr_grid: tuple[int, int, int], n_lr: int) -> torch.Tensor:
+    """[B, N_hr, C] HR tokens (row-major (D, H, W)) -> [B, N_lr, f^3, C]: each LR token's own HR
+    tokens, the LR tokens in row-major order (the grouping ``footprint_mask`` describes)."""
+    f, (gd, gh, gw) = footprint_factor(hr_grid, n_lr), hr_grid
+    b, _, c = kv.shape
+    blocks = kv.reshape(b, gd // f, f, gh // f, f, gw // f, f, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return blocks.reshape(b, n_lr, f**3, c)
+
+
+def footprint_attention(
+    q: torch.Tensor, kv: torch.Tensor, hr_grid: tuple[int, int, int], scale: float | torch.Tensor, heads: int = 1
+) -> torch.Tensor:
+    """``q + softmax(q kv^T * scale) kv`` with each LR query reading only the f^3 HR tokens of its
+    own patch (connector.keys=footprint), computed block by block: O(N_hr * C), no [N_lr, N_hr]
+    score matrix and no fused kernel needed. Equal to the masked form (``footprint_mask``)."""
+    b, n, c = q.shape
+    blocks = footprint_blocks(kv, hr_grid, n).reshape(b, n, -1, heads, c // heads)  # [B, N, K, h, c']
+    qh = q.reshape(b, n, heads, c // heads)
+    logits = torch.einsum("bnhc,bnkhc->bnhk", qh, blocks) * scale
+    mixed = torch.einsum("bnhk,bnkhc->bnhc", torch.softmax(logits, dim=-1), blocks)
+    return q + mixed.reshape(b, n, c)
 
 
 def attention_entropy(
@@ -97,7 +126,6 @@ def hilt_attention(
     scale: float | torch.Tensor,
     impl: str = "sdpa",
     heads: int = 1,
-    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``q + softmax(q kv^T * scale) kv`` with the chosen implementation (eager | sdpa | triton).
 
@@ -105,24 +133,15 @@ def hilt_attention(
     and merges them again (the paper uses one head). A tensor ``scale`` (a learned temperature)
     scales the query inside the softmax only: ``q + [qs + softmax(qs kv^T) kv] - qs`` with
     ``qs = q * scale``, so every implementation (the fused kernel too) runs at scale 1 and the
-    gradient reaches the temperature through ``qs``. ``mask`` ([N_q, N_kv] bool, True = attend:
-    ``footprint_mask``) restricts the keys; the fused kernel has none, so masked attention runs
-    on SDPA (or the eager formula when asked for).
+    gradient reaches the temperature through ``qs``. Footprint-local keys: ``footprint_attention``.
     """
     if isinstance(scale, torch.Tensor):
         qs = q * scale.to(q.dtype)
-        return q - qs + hilt_attention(qs, kv, 1.0, impl, heads, mask)
+        return q - qs + hilt_attention(qs, kv, 1.0, impl, heads)
     if heads > 1:
         b, n, c = q.shape
-        out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl, mask=mask)
+        out = hilt_attention(_split_heads(q, heads), _split_heads(kv, heads), scale, impl)
         return out.transpose(1, 2).reshape(b, n, c)
-    if mask is not None:
-        if impl == "triton":
-            _warn_once("HILT attention: the Triton kernel has no key mask (connector.keys=footprint); using sdpa")
-        if impl == "eager":
-            logits = (q @ kv.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-            return q + torch.softmax(logits, dim=-1) @ kv
-        return q + F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=scale)
     if impl == "triton":
         fn = _triton_hilt_attention() if q.is_cuda else None
         if fn is not None:

@@ -19,6 +19,7 @@ CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d", "lr-o
 ATTN_IMPLS = ("eager", "sdpa", "triton")
 ATTN_SCALES = ("rsqrt", "paper", "learned")
 ATTN_KEYS = ("global", "footprint")
+FINDING_TOKENS = ("none", "predicted", "teacher")
 VISION_INPUTS = ("window", "window+contrast")
 VISION_STEMS = ("patch", "conv")
 LR_VIEWS = ("area", "trilinear")
@@ -65,7 +66,8 @@ class ConnectorConfig:
     # Attention heads of HILT / random-queries (channels split C/heads, scale 1/sqrt(C/heads)); paper: 1.
     heads: int = 1
     # HILT's keys: "global" = every HR token (the paper); "footprint" = only the HR tokens inside
-    # the query's own LR patch (isotropic HR/LR factor; SDPA with a mask, not the fused kernel).
+    # the query's own LR patch (isotropic HR/LR factor; block-local, no fused kernel needed).
+    # random-queries: global only; the connectors without attention ignore it.
     keys: str = "global"
     # random-queries: number of learned queries (BLIP-style ablation).
     num_queries: int = 64
@@ -161,6 +163,15 @@ class ModelConfig:
     # output; the ViT then learns from the finding loss alone (needs findings_loss > 0), as a
     # separately trained vision tower would. True = the paper: the report loss trains everything.
     vision_lm_grad: bool = True
+    # "predicted" / "teacher": the finding head's 18 probabilities enter the LLM as 18 tokens after
+    # the visual tokens, token k = p_k * present_k + (1 - p_k) * absent_k with learned embeddings
+    # (label-guided report generation, as RaDialog and PromptMRG put a classifier's findings in
+    # the prompt). The head reads the connector's visual tokens, so what it knows is what the
+    # connector kept; p is detached (the head learns from the finding loss only: needs
+    # findings_loss > 0). "teacher": in training, p = the sample's own labels where it has them
+    # (the LLM learns to write what the tokens say); generation always uses the head's p.
+    # The head and the embeddings are then exported. "none" = the paper.
+    finding_tokens: str = "none"
 
 
 VISION_PRESETS: dict[str, VisionConfig] = {
@@ -396,8 +407,11 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"connector.attn_scale={c.attn_scale!r}; expected one of {ATTN_SCALES}")
     if c.keys not in ATTN_KEYS:
         raise ValueError(f"connector.keys={c.keys!r}; expected one of {ATTN_KEYS}")
-    if c.keys == "footprint" and c.kind != "hilt":
-        raise ValueError(f"connector.keys=footprint needs LR queries (connector.kind=hilt), not {c.kind!r}")
+    if c.keys == "footprint" and c.kind == "random-queries":  # the others have no keys: unused there
+        raise ValueError(
+            "connector.keys=footprint needs LR queries (connector.kind=hilt); learned random queries "
+            "have no footprint: set connector.keys=global"
+        )
     if v.input not in VISION_INPUTS:
         raise ValueError(f"vision.input={v.input!r}; expected one of {VISION_INPUTS}")
     if v.stem not in VISION_STEMS:
@@ -429,6 +443,12 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"findings_loss={cfg.findings_loss}; expected a finite weight >= 0")
     if not cfg.vision_lm_grad and not cfg.findings_loss > 0:
         raise ValueError("vision_lm_grad=false needs findings_loss > 0: the ViT would learn from nothing")
+    if cfg.finding_tokens not in FINDING_TOKENS:
+        raise ValueError(f"finding_tokens={cfg.finding_tokens!r}; expected one of {FINDING_TOKENS}")
+    if cfg.finding_tokens != "none" and not cfg.findings_loss > 0:
+        raise ValueError(
+            f"finding_tokens={cfg.finding_tokens} needs findings_loss > 0: the head that fills them learns from it"
+        )
     if cfg.image_placeholder not in cfg.prompt:
         raise ValueError(f"prompt {cfg.prompt!r} lacks the image placeholder {cfg.image_placeholder!r}")
 

@@ -23,6 +23,7 @@ from hilt_scale.model.attention import (
     attention_entropy,
     attn_scale_value,
     check_heads,
+    footprint_attention,
     footprint_mask,
     hilt_attention,
 )
@@ -98,11 +99,14 @@ class QueryAttentionConnector(nn.Module):
 
     def forward(self, z_hr: torch.Tensor, z_lr: torch.Tensor | None, hr_grid: Size3) -> torch.Tensor:
         q = self.queries_for(z_hr, z_lr)
-        mask = footprint_mask(hr_grid, q.shape[1], q.device) if self.keys == "footprint" else None
+        local = self.keys == "footprint"
         if self.record_entropy:
+            mask = footprint_mask(hr_grid, q.shape[1], q.device) if local else None
             with torch.no_grad():
                 self.last_entropy = float(attention_entropy(q, z_hr, self.scale, self.heads, mask))
-        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads, mask))
+        if local:  # block-local: every implementation is the same small softmax over f^3 keys
+            return self.projector(footprint_attention(q, z_hr, hr_grid, self.scale, self.heads))
+        return self.projector(hilt_attention(q, z_hr, self.scale, self.attn_impl, self.heads))
 
 
 class HiltConnector(QueryAttentionConnector):

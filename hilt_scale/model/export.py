@@ -126,9 +126,11 @@ def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: not an export directory (no config.json)")
     cfg = from_dict(json.loads(config_path.read_text()))
-    # Training-only options: the finding head is not exported, and where the report loss stops
-    # means nothing at inference. The inference model is the plain one.
-    cfg.findings_loss, cfg.vision_lm_grad = 0.0, True
+    # Training-only options: where the report loss stops means nothing at inference, and the
+    # finding head is exported only when its finding tokens feed the LLM (finding_tokens).
+    cfg.vision_lm_grad = True
+    if cfg.finding_tokens == "none":
+        cfg.findings_loss = 0.0
     base_file = src / "llm_base" / "model.safetensors"
     if (src / "llm_base").is_dir():
         cfg.llm.path = str(src / "llm_base")

@@ -372,19 +372,24 @@ class HiltReportModel(nn.Module):
         self.connector = connector
         self.llm = llm
         self.tokenizer = tokenizer
-        # The auxiliary finding head (ModelConfig.findings_loss; not exported): max + mean of the
-        # visual tokens -> 18 logits. Its last loss is kept for the training log.
-        self.finding_head = None
-        if cfg.findings_loss > 0:
-            width = llm.get_input_embeddings().weight.shape[1]
+        # The auxiliary finding head (ModelConfig.findings_loss): max + mean of the visual tokens
+        # -> 18 logits. Its last loss is kept for the training log. With finding_tokens its
+        # probabilities also become LLM tokens (present / absent embeddings), and it is exported.
+        self.finding_head = self.finding_present = self.finding_absent = None
+        width = llm.get_input_embeddings().weight.shape[1]
+        if cfg.findings_loss > 0 or cfg.finding_tokens != "none":
             self.finding_head = nn.Linear(2 * width, len(CLASSES))
+        if cfg.finding_tokens != "none":
+            self.finding_present = nn.Parameter(torch.randn(len(CLASSES), width) * 0.02)
+            self.finding_absent = nn.Parameter(torch.randn(len(CLASSES), width) * 0.02)
         self.last_findings_loss: torch.Tensor | None = None
 
     @property
     def num_visual_tokens(self) -> int:
         """Tokens one volume of the configured HR size contributes to the LLM sequence."""
         res, patch = self.cfg.resolution, self.vision.patch_size
-        return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch))
+        extra = len(CLASSES) if self.cfg.finding_tokens != "none" else 0
+        return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch)) + extra
 
     def collator(self, max_length: int | None = None, prompt: str | None = None) -> ReportCollator:
         """A ReportCollator sized for this model's prompt, visual token count and sequence budget."""
@@ -400,7 +405,21 @@ class HiltReportModel(nn.Module):
         """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
         res = self.cfg.resolution
         tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
-        return tokens.to(self.llm.get_input_embeddings().weight.dtype)
+        tokens = tokens.to(self.llm.get_input_embeddings().weight.dtype)
+        if self.cfg.finding_tokens == "none":
+            return tokens
+        return self.with_finding_tokens(tokens, torch.sigmoid(self.finding_logits(tokens)))
+
+    def finding_logits(self, visual: torch.Tensor) -> torch.Tensor:
+        """[B, 18] float logits of the finding head on [B, N, C] visual tokens (max + mean readout)."""
+        return self.finding_head(max_mean(visual).to(self.finding_head.weight.dtype)).float()
+
+    def with_finding_tokens(self, visual: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """``visual`` followed by the 18 finding tokens (ModelConfig.finding_tokens), each the mix
+        p * present + (1 - p) * absent of its class for [B, 18] probabilities ``prob`` (detached)."""
+        p = prob.detach().to(visual.dtype)[..., None]  # [B, 18, 1]
+        present, absent = self.finding_present.to(visual.dtype), self.finding_absent.to(visual.dtype)
+        return torch.cat([visual, p * present + (1 - p) * absent], dim=1)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
@@ -441,6 +460,13 @@ class HiltReportModel(nn.Module):
         if not self.cfg.vision_lm_grad:  # the report loss stops at the connector's input
             detach = lambda z: None if z is None else z.detach()  # noqa: E731
             lm_visual = self.connector(detach(z_hr), detach(z_lr), hr_grid).to(dtype)
+        logits = self.finding_logits(visual) if self.finding_head is not None else None
+        if self.cfg.finding_tokens != "none":
+            p = torch.sigmoid(logits.detach())
+            if self.cfg.finding_tokens == "teacher" and self.training:  # the labels where known
+                known = batch["finding_known"].to(p.device)[:, None]
+                p = torch.where(known, batch["finding_labels"].to(p), p)
+            lm_visual = self.with_finding_tokens(lm_visual, p)
         embeds, mask, labels = self.splice(
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
@@ -448,19 +474,19 @@ class HiltReportModel(nn.Module):
             lm_visual,
         )
         loss = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
-        if self.finding_head is None:
+        if not self.cfg.findings_loss > 0:
             return loss
-        aux = self.finding_head_loss(visual, batch)
+        aux = self.finding_head_loss(logits, batch)
         self.last_findings_loss = aux.detach()
         return loss + self.cfg.findings_loss * aux
 
-    def finding_head_loss(self, visual: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Binary cross-entropy of the finding head over the samples that have labels (0 if none),
-        targets from the collated batch (``ReportCollator``: ``finding_labels``, ``finding_known``).
+    def finding_head_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Binary cross-entropy of the finding head's [B, 18] logits over the samples that have
+        labels (0 if none), targets from the collated batch (``ReportCollator``:
+        ``finding_labels``, ``finding_known``).
 
         Computed for every batch, labelled or not, so every rank uses the head in every step."""
-        targets, known = batch["finding_labels"].to(visual.device), batch["finding_known"].to(visual.device)
-        logits = self.finding_head(max_mean(visual).to(self.finding_head.weight.dtype)).float()
+        targets, known = batch["finding_labels"].to(logits.device), batch["finding_known"].to(logits.device)
         per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         weight = known.float()[:, None]
         return (per * weight).sum() / (weight.sum() * per.shape[1]).clamp(min=1.0)
@@ -536,8 +562,12 @@ class HiltReportModel(nn.Module):
         return {"trainable": trainable, "total": total}
 
     def vision_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict of the non-LLM part (ViT + connector), saved beside the peft adapter."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("vision.", "connector."))}
+        """State dict of the non-LLM part saved beside the peft adapter: ViT + connector, and with
+        finding_tokens the finding head and its token embeddings (inference needs them)."""
+        parts = ("vision.", "connector.")
+        if self.cfg.finding_tokens != "none":
+            parts += ("finding_head.", "finding_present", "finding_absent")
+        return {k: v for k, v in self.state_dict().items() if k.startswith(parts)}
 
     def load_vision_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load ViT + connector weights saved by ``vision_state_dict``; names missing keys when strict."""

@@ -210,6 +210,10 @@ def expand(
             recipe, ds = base["recipe"], DS_CONFIGS["zero2"]
             if scale == "paper" and run_flags["llm"] == "llama3-70b":
                 recipe, ds = "ctrate-llama3-70b-qlora", DS_CONFIGS["zero3_qlora"]
+            if run_flags.get("connector") == "random-queries":
+                # Learned queries have no footprint: global keys whatever the recipe's HILT uses
+                # (first, so a --set of the sweep still wins, or fails with its own error).
+                run_sets.insert(0, "connector.keys=global")
             if data is not None:
                 run_flags["data"] = data
             name = f"{group}__seed-{seed}"

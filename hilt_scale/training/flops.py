@@ -135,6 +135,12 @@ def vision_tokens(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def llm_image_tokens(cfg: ModelConfig) -> int:
+    """Tokens the image placeholder becomes in the LLM sequence: the visual tokens, and the 18
+    finding tokens with ``finding_tokens``."""
+    return vision_tokens(cfg)["visual"] + (len(CLASSES) if cfg.finding_tokens != "none" else 0)
+
+
 def connector_pass(cfg: ModelConfig, llm_hidden: int) -> dict[str, int]:
     """Forward FLOPs of the connector for one volume: ``attention`` (HILT / random queries:
     queries against the HR tokens, no projections) and ``projector`` (the MLP F; its first layer
@@ -143,7 +149,9 @@ def connector_pass(cfg: ModelConfig, llm_hidden: int) -> dict[str, int]:
     c, conn = cfg.vision.width, cfg.connector
     attention = 0
     if conn.kind in ("hilt", "random-queries"):
-        attention = 2 * 2 * tok["visual"] * tok["hr"] * c  # Q·Kᵀ and P·V (heads split C)
+        # Q·Kᵀ and P·V (heads split C); footprint keys: each HR token is a key of one query.
+        keys_per_query = tok["hr"] // tok["visual"] if conn.keys == "footprint" else tok["hr"]
+        attention = 2 * 2 * tok["visual"] * keys_per_query * c
     hidden = conn.projector_hidden or llm_hidden
     widths = [c] + [hidden] * (conn.projector_layers - 1) + [llm_hidden]
     projector = sum(_linear(tok["visual"], a, b) for a, b in zip(widths, widths[1:]))
@@ -207,7 +215,7 @@ def step_flops(cfg: ModelConfig, shape: LLMShape, micro_batches: list[tuple[int,
             # gradient is not counted).
             out["connector"] += volumes * (conn["attention"] + 3 * conn["projector"] - conn["projector_first"])
         out["finding_head"] += volumes * 3 * head
-        seq = text_len - 1 + tok["visual"]  # the placeholder becomes the visual tokens
+        seq = text_len - 1 + llm_image_tokens(cfg)  # the placeholder becomes the visual tokens
         llm = llm_pass(shape, volumes, seq)
         out["llm"] += (
             2 * llm["base"]
