@@ -423,7 +423,7 @@ def row_stub(cfg, connector, ckpt, mb, engine, status, note, model=None, text_to
     }  # fmt: skip
     if model is not None:
         row["visual_tokens"] = model.num_visual_tokens
-        row["seq_len"] = text_tokens + model.num_visual_tokens
+        row["seq_len"] = text_tokens + model.num_image_tokens
     return row
 
 

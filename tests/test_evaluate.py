@@ -191,3 +191,26 @@ def test_compare_groups_runs_that_differ_only_by_seed(tmp_path: Path, capsys) ->
         == "| hilt | 32x64x64 | 64 | llm-tiny | 4 (0, 1, 2, 3) | 32.00 ± 2.00 (n=3) | 0.500 ± 0.100 (n=3) |"
     )
     assert table[3] == "| hilt | 32x64x64 | 64 | llm-tiny | 1 (0) | 99.00 | 0.900 |"
+
+
+def test_head_auc_scores_the_finding_probabilities_against_the_dataset_labels() -> None:
+    """head_auc: per class the Mann-Whitney AUC of ``finding_probs`` against ``labels`` (NaN for a
+    class with one value), the mean over the others; absent unless every record has both."""
+    from shards.schema import CLASSES
+
+    nodule, effusion = CLASSES.index("Lung nodule"), CLASSES.index("Pleural effusion")
+    records = []
+    for i, (has_nodule, has_effusion) in enumerate([(1, 0), (1, 1), (0, 0), (0, 1)]):
+        probs = [0.5] * len(CLASSES)
+        probs[nodule] = [0.9, 0.8, 0.3, 0.1][i]  # ranks the nodules first: AUC 1
+        probs[effusion] = [0.9, 0.4, 0.3, 0.1][i]  # positives above 1 of the 4 (pos, neg) pairs: 0.25
+        labels = {c: 0 for c in CLASSES} | {"Lung nodule": has_nodule, "Pleural effusion": has_effusion}
+        records.append({"key": str(i), "reference": "x", "generated": "x", "labels": labels, "finding_probs": probs})
+    out = scoring.head_auc(records)
+    per = out["head_auc_per_class"]
+    assert per["Lung nodule"] == 1.0 and per["Pleural effusion"] == 0.25
+    assert sum(v == v for v in per.values()) == 2  # the 16 single-valued classes are NaN
+    assert out["head_auc_macro"] == pytest.approx(0.625)
+    assert scoring.head_auc([{**records[0], "finding_probs": None}, *records[1:]]) is None
+    assert scoring.head_auc([{k: v for k, v in r.items() if k != "labels"} for r in records]) is None
+    assert scoring.evaluate_records(records)["head_auc_macro"] == pytest.approx(0.625)

@@ -332,14 +332,15 @@ def test_finding_tokens_carry_the_head_probabilities_into_the_llm_and_are_export
     plain = build_model(micro_cfg(findings_loss="1.0"), tokenizer)
     torch.manual_seed(0)
     model = build_model(micro_cfg(findings_loss="1.0", finding_tokens="predicted"), tokenizer)
-    assert model.num_visual_tokens == plain.num_visual_tokens + len(CLASSES)
+    assert model.num_visual_tokens == plain.num_visual_tokens  # the connector's, as in the paper
+    assert model.num_image_tokens == plain.num_image_tokens + len(CLASSES) == plain.num_visual_tokens + 18
     batch = model.collator()(labelled_batch(2, positive=[0], known=[]))  # no labels: report loss only
     assert model.collator().report_budget == plain.collator().report_budget - 18  # the sequence budget
     hr = batch["hr"]
     k = CLASSES.index("Lung nodule")
     with torch.no_grad():
         tokens = model.encode_images(hr)
-        assert tokens.shape[1] == model.num_visual_tokens
+        assert tokens.shape[1] == model.num_image_tokens
         torch.testing.assert_close(tokens[:, : plain.num_visual_tokens], plain.encode_images(hr))
         for bias, want in ((30.0, model.finding_present[k]), (-30.0, model.finding_absent[k])):
             model.finding_head.bias[k] = bias

@@ -18,7 +18,7 @@ def _meter(monkeypatch, peak_tflops: str | None = None) -> StepMeter:
     else:
         monkeypatch.setenv(flops.PEAK_ENV, peak_tflops)
     cfg = model_config(llm="llm-micro", resolution="cpu-micro")
-    model = SimpleNamespace(cfg=cfg, llm=SimpleNamespace(config=hf_config(cfg.llm)), num_visual_tokens=8)
+    model = SimpleNamespace(cfg=cfg, llm=SimpleNamespace(config=hf_config(cfg.llm)), num_image_tokens=8)
     return StepMeter(model, world=1)
 
 

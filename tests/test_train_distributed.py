@@ -146,6 +146,9 @@ def test_zero3_two_ranks_train_checkpoint_and_evaluate(zero3_run):
     assert all(0 < r["findings_loss"] < r["loss"] for r in rows)  # logged, and a part of the loss
     keys = [r["key"] for r in read_jsonl(zero3_run / "predictions.jsonl")]
     assert len(keys) == 3 == len(set(keys)) and summary["final"]["n"] == 3
+    # The recipe's finding tokens: every prediction carries the head's 18 probabilities, scored.
+    assert all(len(r["finding_probs"]) == 18 for r in read_jsonl(zero3_run / "predictions.jsonl"))
+    assert "head_auc_macro" in summary["final"] and "head_auc_macro" not in summary["baseline_constant_report"]
     assert {"average", "ce_micro_f1"} <= set(summary["final"]) and "average" in summary[
         "baseline_constant_report"
     ]

@@ -82,6 +82,7 @@ def evaluate_records(
         out.update(_prefixed(clinical_efficacy(labels, predicted), "ce_labels"))
     if ce_model is not None:
         out.update(radbert_scores(refs, gens, labels, ce_model))
+    out.update(head_auc(records) or {})  # the finding head's reading, apart from the LLM's writing
     out["n"] = len(records)
     out["n_empty_generated"] = sum(1 for g in gens if not metrics.normalize(g))
     if bootstrap > 0:
@@ -100,6 +101,41 @@ def dataset_labels(records: Sequence[dict]) -> list[dict[str, int]] | None:
     if records and all(r.get("labels") is not None for r in records):
         return [r["labels"] for r in records]
     return None
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic over (positive, negative) pairs, ties counted 1/2;
+    NaN when one class is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):  # average rank over each run of equal scores
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def head_auc(records: Sequence[dict]) -> dict | None:
+    """ROC AUC of the model's finding head (``finding_probs``, 18 per record) against the data
+    set's labels, per class (NaN where a class has one value only) and their mean over the
+    classes that have both; None unless every record has both."""
+    labels = dataset_labels(records)
+    if labels is None or not all(r.get("finding_probs") is not None for r in records):
+        return None
+    probs = np.asarray([r["finding_probs"] for r in records], dtype=np.float64)
+    per = {c: roc_auc(np.array([lab[c] for lab in labels]), probs[:, i]) for i, c in enumerate(CLASSES)}
+    finite = [v for v in per.values() if not math.isnan(v)]
+    return {"head_auc_macro": float(np.mean(finite)) if finite else float("nan"), "head_auc_per_class": per}
 
 
 def _prefixed(efficacy: dict, prefix: str) -> dict:

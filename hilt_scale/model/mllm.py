@@ -388,8 +388,13 @@ class HiltReportModel(nn.Module):
     def num_visual_tokens(self) -> int:
         """Tokens one volume of the configured HR size contributes to the LLM sequence."""
         res, patch = self.cfg.resolution, self.vision.patch_size
-        extra = len(CLASSES) if self.cfg.finding_tokens != "none" else 0
-        return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch)) + extra
+        return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Tokens the image placeholder becomes in the LLM sequence: the visual tokens, then the
+        18 finding tokens with ``finding_tokens``."""
+        return self.num_visual_tokens + (len(CLASSES) if self.cfg.finding_tokens != "none" else 0)
 
     def collator(self, max_length: int | None = None, prompt: str | None = None) -> ReportCollator:
         """A ReportCollator sized for this model's prompt, visual token count and sequence budget."""
@@ -397,7 +402,7 @@ class HiltReportModel(nn.Module):
             self.tokenizer,
             prompt or self.cfg.prompt,
             max_length or self.cfg.max_length,
-            visual_tokens=self.num_visual_tokens,
+            visual_tokens=self.num_image_tokens,
             placeholder=self.cfg.image_placeholder,
         )
 
@@ -409,6 +414,13 @@ class HiltReportModel(nn.Module):
         if self.cfg.finding_tokens == "none":
             return tokens
         return self.with_finding_tokens(tokens, torch.sigmoid(self.finding_logits(tokens)))
+
+    @torch.no_grad()
+    def finding_probabilities(self, hr: torch.Tensor) -> torch.Tensor:
+        """[B, 18] probabilities of the finding head (needs one) for [B, 1, D, H, W] volumes."""
+        res = self.cfg.resolution
+        visual = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
+        return torch.sigmoid(self.finding_logits(visual))
 
     def finding_logits(self, visual: torch.Tensor) -> torch.Tensor:
         """[B, 18] float logits of the finding head on [B, N, C] visual tokens (max + mean readout)."""

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hilt_scale.evaluation.scoring import roc_auc
 from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config
 from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.mllm import build_vision, encode_volumes, max_mean
@@ -42,28 +43,6 @@ from shards.phantom_report import HR_ONLY_KINDS, KINDS, LR_VISIBLE_KINDS
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 GROUPS = {"auc_hr_only": HR_ONLY_KINDS, "auc_lr_visible": LR_VISIBLE_KINDS}
 READOUTS = ("max+mean", "max")
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney U statistic over (positive, negative) pairs, ties counted 1/2;
-    NaN when one class is absent."""
-    labels = np.asarray(labels, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average rank over each run of equal scores
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
 
 
 def load_split(shard_set: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:

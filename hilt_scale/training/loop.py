@@ -124,10 +124,18 @@ def evaluate(
             continue
         hr = batch["hr"] if batch is not None else torch.zeros((1, 1, *hr_size), dtype=torch.uint8)
         texts = model.generate(hr, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, **kwargs)
+        # The finding head's reading (scored as head_auc_*): what the vision path knows, apart
+        # from what the LLM writes.
+        probs = [None] * len(texts)
+        if getattr(model, "finding_head", None) is not None:
+            was_training = model.training
+            model.eval()
+            probs = [[round(x, 5) for x in row] for row in model.finding_probabilities(hr).tolist()]
+            model.train(was_training)
         if batch is not None:
             records += [
-                {"key": k, "reference": r, "generated": g, **dataset_labels(m)}
-                for k, r, g, m in zip(batch["key"], batch["report"], texts, batch["meta"])
+                {"key": k, "reference": r, "generated": g, **dataset_labels(m), **({"finding_probs": p} if p else {})}
+                for k, r, g, m, p in zip(batch["key"], batch["report"], texts, batch["meta"], probs)
             ]
     if model is not engine.module:
         model = None

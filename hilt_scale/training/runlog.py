@@ -37,6 +37,7 @@ EXTRA_CE_ROWS = {
     "radbert_ref_macro_f1": "RadBERT F1 macro (vs classifier on references)",
     "radbert_labels_micro_f1": "RadBERT F1 micro (vs dataset labels)",
     "radbert_labels_macro_f1": "RadBERT F1 macro (vs dataset labels)",
+    "head_auc_macro": "finding head AUC, mean of 18 (vs dataset labels)",
 }
 
 
@@ -54,7 +55,7 @@ class StepMeter:
 
         self.cfg = model.cfg
         self.shape = llm_shape(model.llm.config, model.cfg)
-        self.visual_per_sample = model.num_visual_tokens
+        self.visual_per_sample = model.num_image_tokens  # visual (+ finding) tokens in the LLM
         self.world = world
         self.cuda = torch.cuda.is_available()
         self.device_name = torch.cuda.get_device_name() if self.cuda else "cpu"
