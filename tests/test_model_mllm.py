@@ -342,7 +342,7 @@ def test_finding_tokens_carry_the_head_probabilities_into_the_llm_and_are_export
         tokens = model.encode_images(hr)
         assert tokens.shape[1] == model.num_image_tokens
         torch.testing.assert_close(tokens[:, : plain.num_visual_tokens], plain.encode_images(hr))
-        for bias, want in ((30.0, model.finding_present[k]), (-30.0, model.finding_absent[k])):
+        for bias, want in ((30.0, model.finding_embed.present[k]), (-30.0, model.finding_embed.absent[k])):
             model.finding_head.bias[k] = bias
             row = model.encode_images(hr)[:, plain.num_visual_tokens + k]
             torch.testing.assert_close(row, want.expand_as(row))
@@ -350,9 +350,9 @@ def test_finding_tokens_carry_the_head_probabilities_into_the_llm_and_are_export
     model.zero_grad()
     model(batch).backward()
     assert model.finding_head.weight.grad is None or model.finding_head.weight.grad.abs().max() == 0
-    assert model.finding_present.grad.abs().max() > 0 and model.finding_absent.grad.abs().max() > 0
+    assert model.finding_embed.present.grad.abs().max() > 0 and model.finding_embed.absent.grad.abs().max() > 0
     names = set(model.vision_state_dict())
-    assert {"finding_head.weight", "finding_present", "finding_absent"} <= names
+    assert {"finding_head.weight", "finding_embed.present", "finding_embed.absent"} <= names
     save_export(model, tmp_path / "export")
     again = load_export(tmp_path / "export")
     assert again.cfg.finding_tokens == "predicted" and again.finding_head is not None
@@ -383,7 +383,7 @@ def test_teacher_finding_tokens_hold_the_labels_in_training_and_the_head_in_gene
     with torch.no_grad():
         model.finding_head.bias[k] = 20.0
         row = model.encode_images(labelled["hr"])[:, -18 + k]
-    torch.testing.assert_close(row, model.finding_present[k].detach().expand_as(row))
+    torch.testing.assert_close(row, model.finding_embed.present[k].detach().expand_as(row))
 
 
 def test_vision_lm_grad_false_stops_the_report_loss_at_the_vit(tokenizer):

@@ -362,6 +362,21 @@ def encode_volumes(
     return connector(*vision_features(vision, connector, hr, lr_size, lr_mode))
 
 
+class FindingTokens(nn.Module):
+    """The finding tokens (ModelConfig.finding_tokens): token k = p_k * present_k + (1 - p_k) *
+    absent_k for [B, K] probabilities p (detached), two learned embeddings per class. A module
+    of its own, so ZeRO-3 gathers its weights when it runs, in generation too."""
+
+    def __init__(self, classes: int, width: int) -> None:
+        super().__init__()
+        self.present = nn.Parameter(torch.randn(classes, width) * 0.02)
+        self.absent = nn.Parameter(torch.randn(classes, width) * 0.02)
+
+    def forward(self, prob: torch.Tensor) -> torch.Tensor:
+        p = prob.detach().to(self.present.dtype)[..., None]  # [B, K, 1]
+        return p * self.present + (1 - p) * self.absent
+
+
 class HiltReportModel(nn.Module):
     """Vision encoder + connector + causal LM; ``forward(batch) -> loss``, ``generate(hr) -> texts``."""
 
@@ -375,13 +390,12 @@ class HiltReportModel(nn.Module):
         # The auxiliary finding head (ModelConfig.findings_loss): max + mean of the visual tokens
         # -> 18 logits. Its last loss is kept for the training log. With finding_tokens its
         # probabilities also become LLM tokens (present / absent embeddings), and it is exported.
-        self.finding_head = self.finding_present = self.finding_absent = None
+        self.finding_head = self.finding_embed = None
         width = llm.get_input_embeddings().weight.shape[1]
         if cfg.findings_loss > 0 or cfg.finding_tokens != "none":
             self.finding_head = nn.Linear(2 * width, len(CLASSES))
         if cfg.finding_tokens != "none":
-            self.finding_present = nn.Parameter(torch.randn(len(CLASSES), width) * 0.02)
-            self.finding_absent = nn.Parameter(torch.randn(len(CLASSES), width) * 0.02)
+            self.finding_embed = FindingTokens(len(CLASSES), width)
         self.last_findings_loss: torch.Tensor | None = None
 
     @property
@@ -427,11 +441,8 @@ class HiltReportModel(nn.Module):
         return self.finding_head(max_mean(visual).to(self.finding_head.weight.dtype)).float()
 
     def with_finding_tokens(self, visual: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-        """``visual`` followed by the 18 finding tokens (ModelConfig.finding_tokens), each the mix
-        p * present + (1 - p) * absent of its class for [B, 18] probabilities ``prob`` (detached)."""
-        p = prob.detach().to(visual.dtype)[..., None]  # [B, 18, 1]
-        present, absent = self.finding_present.to(visual.dtype), self.finding_absent.to(visual.dtype)
-        return torch.cat([visual, p * present + (1 - p) * absent], dim=1)
+        """``visual`` followed by the 18 finding tokens of [B, 18] probabilities ``prob``."""
+        return torch.cat([visual, self.finding_embed(prob).to(visual.dtype)], dim=1)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(ids)
@@ -578,7 +589,7 @@ class HiltReportModel(nn.Module):
         finding_tokens the finding head and its token embeddings (inference needs them)."""
         parts = ("vision.", "connector.")
         if self.cfg.finding_tokens != "none":
-            parts += ("finding_head.", "finding_present", "finding_absent")
+            parts += ("finding_head.", "finding_embed.")
         return {k: v for k, v in self.state_dict().items() if k.startswith(parts)}
 
     def load_vision_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
