@@ -124,12 +124,14 @@ def test_group_f1_tells_hr_only_from_lr_visible(tmp_path: Path) -> None:
     assert g["f1_lr_visible"] == 1.0 and g["positives_lr_visible"] == 1
     rows = [
         {"run": f"r{i}", "group": v, "axes": {"connector": v}, "seed": i, "status": "done", "visual_tokens": 64,
-         "scores": {"f1_hr_only": 0.1 * i, "f1_lr_visible": 0.5, "ce_micro_f1": 0.4, "ce_macro_f1": 0.2, "average": 50.0}}
+         "scores": {"f1_hr_only": 0.1 * i, "f1_small_nodule": 0.2 * i, "f1_lr_visible": 0.5, "ce_micro_f1": 0.4,
+                    "ce_macro_f1": 0.2, "average": 50.0}}
         for v in QUICK_VARIANTS for i in range(2)
     ]  # fmt: skip
     results = study_results(rows, {**g, "ce_micro_f1": 0.3, "ce_macro_f1": 0.1, "average": 40.0})
     assert results["variants"]["hilt"]["f1_hr_only"]["mean"] == pytest.approx(0.05)
-    assert "| lr-only | 64 | 2 |" in study_markdown(results)
+    assert results["variants"]["hilt"]["f1_small_nodule"]["mean"] == pytest.approx(0.1)
+    assert "| lr-only | 64 | 2 | 0.050 ± 0.071 | 0.100 ± 0.141 | 0.500 ± 0.000 |" in study_markdown(results)
     plot_study(results, str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 1000
 

@@ -224,7 +224,11 @@ def collect(rows: list[dict], out: Path, phantom: bool) -> list[dict]:
         row["scores"] = {k: scores.get(k) for k in ("average", "ce_micro_f1", "ce_macro_f1")}
         if phantom and (run_dir / "predictions.jsonl").exists():
             g = group_f1(read_jsonl(run_dir / "predictions.jsonl"))
-            row["scores"].update(f1_hr_only=g["f1_hr_only"], f1_lr_visible=g["f1_lr_visible"])
+            row["scores"].update(
+                f1_hr_only=g["f1_hr_only"],
+                f1_small_nodule=g["f1_per_kind"]["small nodule"],  # half of the HR-only group's gain
+                f1_lr_visible=g["f1_lr_visible"],
+            )
     return rows
 
 

@@ -51,7 +51,7 @@ def mean_std(values: Sequence[float]) -> dict[str, float | int]:
     }
 
 
-STUDY_METRICS = ("f1_hr_only", "f1_lr_visible", "ce_micro_f1", "ce_macro_f1", "average")
+STUDY_METRICS = ("f1_hr_only", "f1_small_nodule", "f1_lr_visible", "ce_micro_f1", "ce_macro_f1", "average")
 
 
 def study_results(rows: list[dict], baseline: dict | None = None) -> dict[str, Any]:
@@ -85,9 +85,10 @@ def study_results(rows: list[dict], baseline: dict | None = None) -> dict[str, A
 def study_markdown(results: dict) -> str:
     """The study's table: one row per variant, mean ± std over seeds."""
     head = (
-        "| variant | visual tokens | seeds | F1 HR-only | F1 LR-visible | F1 micro | F1 macro | average (9) |"
+        "| variant | visual tokens | seeds | F1 HR-only | F1 small nodule (HR-only) | F1 LR-visible | F1 micro "
+        "| F1 macro | average (9) |"
     )
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 9]
 
     def cell(d: dict, digits: int = 3) -> str:
         if not d or not d.get("n"):
@@ -97,13 +98,15 @@ def study_markdown(results: dict) -> str:
     for name, v in results["variants"].items():
         seeds = f"{len(v['seeds'])}" + (f" (+{len(v['failed_seeds'])} failed)" if v["failed_seeds"] else "")
         lines.append(
-            f"| {name} | {v['visual_tokens']} | {seeds} | {cell(v['f1_hr_only'])} | {cell(v['f1_lr_visible'])} "
+            f"| {name} | {v['visual_tokens']} | {seeds} | {cell(v['f1_hr_only'])} | {cell(v['f1_small_nodule'])} "
+            f"| {cell(v['f1_lr_visible'])} "
             f"| {cell(v['ce_micro_f1'])} | {cell(v['ce_macro_f1'])} | {cell(v['average'], 2)} |"
         )
     b = results.get("constant_report")
     if b:
         lines.append(
-            f"| constant report | 0 | - | {b['f1_hr_only']:.3f} | {b['f1_lr_visible']:.3f} | "
+            f"| constant report | 0 | - | {b['f1_hr_only']:.3f} | {b['f1_per_kind']['small nodule']:.3f} "
+            f"| {b['f1_lr_visible']:.3f} | "
             f"{b.get('ce_micro_f1', float('nan')):.3f} | {b.get('ce_macro_f1', float('nan')):.3f} | "
             f"{b.get('average', float('nan')):.2f} |"
         )
