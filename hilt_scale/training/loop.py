@@ -469,4 +469,6 @@ def baseline_scores(train_reports: list[str], cfg: TrainConfig) -> dict:
 
     report = constant_report(train_reports)
     records = read_jsonl(Path(cfg.out) / "predictions.jsonl")
-    return evaluate_records([{**r, "generated": report} for r in records], ce_model=cfg.ce_model)
+    # The model's finding probabilities are not the baseline's: it has no head to score.
+    records = [{k: v for k, v in r.items() if k != "finding_probs"} | {"generated": report} for r in records]
+    return evaluate_records(records, ce_model=cfg.ce_model)
