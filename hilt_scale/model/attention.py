@@ -2,6 +2,7 @@
 
 ``eager`` is the kernels' fp64-capable reference, ``sdpa`` torch's fused attention, ``triton`` the
 fused kernel of ``hilt_kernels`` (imported only when chosen; falls back to sdpa without CUDA/Triton).
+Footprint-local keys (``connector.keys=footprint``) need none of them: ``footprint_attention``.
 """
 
 from __future__ import annotations
