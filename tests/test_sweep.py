@@ -73,7 +73,7 @@ def test_fig5d_paper_plan_70b_uses_zero3_and_4bit(capsys) -> None:
 
 
 def _fake_done(run_dir: Path, tokens: int = 64) -> None:
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     final = {"average": 50.0, "ce_micro_f1": 0.4, "ce_macro_f1": 0.2}
     summary = {
         "method": "hilt",
@@ -103,6 +103,24 @@ def test_failed_run_is_recorded_and_finished_runs_are_not_rerun(tmp_path: Path) 
     assert "failed: seed 0 (rc 3)" in result["table"]
     assert "50.00 ± 0.00" in result["table"] and (tmp_path / "sweep.png").exists()
     assert json.loads((tmp_path / "sweep.json").read_text())["runs"][1]["status"] == "failed"
+
+
+def test_a_stopped_run_is_resumed_not_counted_as_done(tmp_path: Path) -> None:
+    """A preempted run writes summary.json with ``stopped``: the sweep reruns it with --resume
+    (found in the hr-study: a SIGTERM'd run was skipped as done)."""
+    (spec,) = expand(grids_for(None, "cpu", {"connector": ["hilt"]}), "cpu", [0])
+    run_dir = tmp_path / "runs" / spec.name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "LATEST").write_text("step00000041")
+    (run_dir / "summary.json").write_text(json.dumps({"stopped": "SIGTERM", "steps": 41}))
+    assert not execute.finished(run_dir)
+    argv = tmp_path / "argv.json"
+    spec.command = lambda out: [sys.executable, "-c", f"import json, sys; json.dump(sys.argv, open({str(argv)!r}, 'w'))"]
+    rows = execute.run_sweep([spec], tmp_path, log=lambda *_: None)
+    assert json.loads(argv.read_text())[-1] == "--resume"
+    assert rows[0]["status"] == "failed"  # it wrote no final summary
+    _fake_done(run_dir)
+    assert execute.finished(run_dir) and execute.run_sweep([spec], tmp_path, log=lambda *_: None)[0]["resumed"]
 
 
 def test_group_f1_tells_hr_only_from_lr_visible(tmp_path: Path) -> None:

@@ -120,10 +120,23 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+def finished(run_dir: Path) -> bool:
+    """A run that ended: its summary.json exists and is not the note of a stopped run (SIGTERM /
+    SIGINT / SIGUSR1 write ``stopped`` with the checkpoint to resume from)."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return False
+    try:
+        return "stopped" not in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def run_sweep(
     specs: list[RunSpec], out: Path, timeout: float | None = None, log=print, phantom: dict | None = None
 ) -> list[dict]:
-    """Run every spec that has no summary.json yet, one after another; return the status rows."""
+    """Run every spec that has not finished yet (``finished``; a stopped run resumes from its
+    checkpoint), one after another; return the status rows."""
     out.mkdir(parents=True, exist_ok=True)
     if phantom is not None:  # cpu scale: the sweep's own phantom, same data for every run
         from shards.schema import parse_size
@@ -138,11 +151,11 @@ def run_sweep(
     status_path = out / "sweep.json"
     rows: list[dict] = []
     t0, done_now = time.perf_counter(), 0
-    todo = [s for s in specs if not (out / "runs" / s.name / "summary.json").exists() and not s.pending]
+    todo = [s for s in specs if not finished(out / "runs" / s.name) and not s.pending]
     for i, spec in enumerate(specs):
         run_dir = out / "runs" / spec.name
         row = {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
-        if (run_dir / "summary.json").exists():
+        if finished(run_dir):
             rows.append({**row, "status": "done", "resumed": True})
             continue
         if spec.pending:
@@ -168,7 +181,7 @@ def run_sweep(
                 rc = "timeout"
         wall = round(time.perf_counter() - start, 1)
         done_now += 1
-        if rc == 0 and (run_dir / "summary.json").exists():
+        if rc == 0 and finished(run_dir):
             rows.append({**row, "status": "done", "wall_s": wall})
             log(f"[sweep]   done in {_fmt(wall)}")
         else:
@@ -199,7 +212,7 @@ def present(specs: list[RunSpec], out: Path, phantom: dict | None) -> list[dict]
                 s.flags["data"] = str(match[0])
     rows = []
     for s in specs:
-        done = (out / "runs" / s.name / "summary.json").exists()
+        done = finished(out / "runs" / s.name)
         status = "done" if done else ("pending" if s.pending else "not run")
         rows.append({"run": s.name, "group": s.group, "axes": s.axes, "seed": s.seed, "status": status})
     return rows
