@@ -6,8 +6,8 @@
     python -m hilt_scale.sweep --vision vit-micro,vit-tiny --llm llm-micro --seeds 0,1 --run --out DIR
 
 Axes take comma-separated values (sizes as DxHxW). A run is ``python hilt_scale/train.py ...`` in
-its own directory DIR/runs/NAME; rerunning the same command resumes the sweep (runs with a
-summary.json are skipped). See docs/SWEEPS.md.
+its own directory DIR/runs/NAME; rerunning the same command resumes the sweep (finished runs
+are skipped, stopped ones resume from their checkpoint). See docs/SWEEPS.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``--run``: data once per sweep, each run as its own ``python hilt_scale/train.py`` subprocess
-(a crash cannot take the sweep down), resume (runs with summary.json are not rerun), then the
+(a crash cannot take the sweep down), resume (finished runs are not rerun, stopped ones resume), then the
 collected table (seeds as mean ± std) and the experiment's figure.
 """
 
