@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -121,6 +122,33 @@ def test_a_stopped_run_is_resumed_not_counted_as_done(tmp_path: Path) -> None:
     assert rows[0]["status"] == "failed"  # it wrote no final summary
     _fake_done(run_dir)
     assert execute.finished(run_dir) and execute.run_sweep([spec], tmp_path, log=lambda *_: None)[0]["resumed"]
+
+
+def test_parallel_runs_overlap_get_their_share_of_threads_and_keep_the_order(tmp_path: Path, monkeypatch) -> None:
+    """--parallel 2: both runs are alive at once (each waits until it sees the other's start
+    file), each gets OMP_NUM_THREADS = cores // 2, and the rows come back in plan order even
+    when the second run ends first."""
+    specs = expand(grids_for(None, "cpu", {"connector": ["hilt", "lr-only"]}), "cpu", [0])
+    flag = tmp_path / "flags"
+    flag.mkdir()
+    code = (
+        "import os, sys, time, pathlib; d = pathlib.Path({d!r}); (d / {me!r}).write_text(os.environ['OMP_NUM_THREADS'])\n"
+        "t = time.time()\n"
+        "while not (d / {other!r}).exists():\n"
+        "    time.sleep(0.05)\n"
+        "    if time.time() - t > 30: sys.exit(9)\n"
+        "time.sleep({delay}); sys.exit({rc})"
+    )
+    specs[0].command = lambda out: [sys.executable, "-c", code.format(d=str(flag), me="a", other="b", delay=1.0, rc=4)]
+    specs[1].command = lambda out: [sys.executable, "-c", code.format(d=str(flag), me="b", other="a", delay=0.0, rc=5)]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rows = execute.run_sweep(specs, tmp_path, log=lambda *_: None, parallel=2)
+    assert [r["run"] for r in rows] == [s.name for s in specs]
+    assert [r["rc"] for r in rows] == [4, 5]  # neither timed out waiting for the other (rc 9)
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (flag / "a").read_text() == share and (flag / "b").read_text() == share
+    with pytest.raises(ValueError, match="parallel"):
+        execute.run_sweep(specs, tmp_path, log=lambda *_: None, parallel=0)
 
 
 def test_group_f1_tells_hr_only_from_lr_visible(tmp_path: Path) -> None:

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--phantom-seed", type=int, default=0, help="cpu scale: phantom seed, the same for every run"
     )
     p.add_argument("--run-timeout", type=float, default=None, help="seconds before a run counts as failed")
+    p.add_argument(
+        "--parallel", type=int, default=1, help="runs at a time (cpu: each gets cores // N threads; default 1)"
+    )
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory the plan must fit (GB)")
     return p
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.collect:
         rows = execute.present(specs, out, phantom)
     else:
-        rows = execute.run_sweep(specs, out, args.run_timeout, phantom=phantom)
+        rows = execute.run_sweep(specs, out, args.run_timeout, phantom=phantom, parallel=args.parallel)
     rows = execute.collect(rows, out, phantom is not None or exp == "hr-study")
     result = execute.write_outputs(rows, out, exp, title)
     print(f"\n# {title}\n\n{result['table']}\n")

@@ -133,10 +133,20 @@ def finished(run_dir: Path) -> bool:
 
 
 def run_sweep(
-    specs: list[RunSpec], out: Path, timeout: float | None = None, log=print, phantom: dict | None = None
+    specs: list[RunSpec],
+    out: Path,
+    timeout: float | None = None,
+    log=print,
+    phantom: dict | None = None,
+    parallel: int = 1,
 ) -> list[dict]:
     """Run every spec that has not finished yet (``finished``; a stopped run resumes from its
-    checkpoint), one after another; return the status rows."""
+    checkpoint), ``parallel`` at a time; return the status rows in the order of ``specs``.
+
+    With ``parallel`` > 1 each run gets ``OMP_NUM_THREADS`` = cores // parallel (unless set): on a
+    small CPU two one-thread runs finish sooner than two two-thread runs one after another."""
+    if parallel < 1:
+        raise ValueError(f"parallel={parallel}: runs at a time must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
     if phantom is not None:  # cpu scale: the sweep's own phantom, same data for every run
         from shards.schema import parse_size
@@ -149,57 +159,74 @@ def run_sweep(
             s.flags["data"] = shard_sets[_hr_size_of(s)]
             s.sets = [*s.sets, f"llm.tokenizer_path={tokenizer}"]
     status_path = out / "sweep.json"
-    rows: list[dict] = []
-    t0, done_now = time.perf_counter(), 0
-    todo = [s for s in specs if not finished(out / "runs" / s.name) and not s.pending]
-    for i, spec in enumerate(specs):
-        run_dir = out / "runs" / spec.name
+    rows: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
         row = {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
-        if finished(run_dir):
-            rows.append({**row, "status": "done", "resumed": True})
-            continue
-        if spec.pending:
-            rows.append({**row, "status": "pending", "reason": spec.pending})
-            continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = spec.command(run_dir)
-        if (run_dir / "checkpoints" / "LATEST").exists():
-            cmd.append("--resume")
-        elapsed = time.perf_counter() - t0
-        eta = f", ETA {_fmt(elapsed / done_now * (len(todo) - done_now))}" if done_now else ""
-        log(
-            f"[sweep] run {done_now + 1}/{len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}"
-        )
-        write_text_atomic(run_dir / "command.txt", " ".join(cmd) + "\n")
-        start = time.perf_counter()
-        with open(run_dir / "train.log", "w", encoding="utf-8") as fh:
-            try:
-                rc = subprocess.run(
-                    cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout
-                ).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        wall = round(time.perf_counter() - start, 1)
-        done_now += 1
-        if rc == 0 and finished(run_dir):
-            rows.append({**row, "status": "done", "wall_s": wall})
-            log(f"[sweep]   done in {_fmt(wall)}")
+        if finished(out / "runs" / spec.name):
+            rows[spec.name] = {**row, "status": "done", "resumed": True}
+        elif spec.pending:
+            rows[spec.name] = {**row, "status": "pending", "reason": spec.pending}
         else:
-            tail = (
-                (run_dir / "train.log")
-                .read_text(encoding="utf-8", errors="replace")
-                .strip()
-                .splitlines()[-3:]
-            )
-            rows.append({**row, "status": "failed", "rc": rc, "wall_s": wall, "log_tail": tail})
-            log(f"[sweep]   FAILED (rc {rc}) after {_fmt(wall)}; see {run_dir / 'train.log'}")
-        write_json_atomic(status_path, {"runs": rows, "left": [s.name for s in specs[i + 1 :]]})
-    write_json_atomic(status_path, {"runs": rows, "left": [], "wall_s": round(time.perf_counter() - t0, 1)})
+            todo.append(spec)
+    env = dict(os.environ)
+    if parallel > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
+    t0, started, done_now = time.perf_counter(), 0, 0
+    running: list[tuple[RunSpec, subprocess.Popen, Any, float]] = []
+
+    def status(left: list[str], **extra: Any) -> None:
+        ordered = [rows[s.name] for s in specs if s.name in rows]
+        write_json_atomic(status_path, {"runs": ordered, "left": left, **extra})
+
+    while todo or running:
+        while todo and len(running) < parallel:
+            spec = todo.pop(0)
+            run_dir = out / "runs" / spec.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = spec.command(run_dir)
+            if (run_dir / "checkpoints" / "LATEST").exists():
+                cmd.append("--resume")
+            elapsed = time.perf_counter() - t0
+            eta = f", ETA {_fmt(elapsed / done_now * (started + len(todo) + 1 - done_now))}" if done_now else ""
+            started += 1
+            log(f"[sweep] run {started}/{started + len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}")
+            write_text_atomic(run_dir / "command.txt", " ".join(cmd) + "\n")
+            fh = open(run_dir / "train.log", "w", encoding="utf-8")  # noqa: SIM115 (closed when the run ends)
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
+            running.append((spec, proc, fh, time.perf_counter()))
+        time.sleep(0.2)
+        for item in list(running):
+            spec, proc, fh, start = item
+            wall = round(time.perf_counter() - start, 1)
+            rc: int | str | None = proc.poll()
+            if rc is None and timeout is not None and wall > timeout:
+                proc.kill()
+                proc.wait()
+                rc = "timeout"
+            if rc is None:
+                continue
+            fh.close()
+            running.remove(item)
+            done_now += 1
+            run_dir = out / "runs" / spec.name
+            row = {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
+            if rc == 0 and finished(run_dir):
+                rows[spec.name] = {**row, "status": "done", "wall_s": wall}
+                log(f"[sweep]   {spec.name} done in {_fmt(wall)}")
+            else:
+                log_text = (run_dir / "train.log").read_text(encoding="utf-8", errors="replace")
+                tail = log_text.strip().splitlines()[-3:]
+                rows[spec.name] = {**row, "status": "failed", "rc": rc, "wall_s": wall, "log_tail": tail}
+                log(f"[sweep]   {spec.name} FAILED (rc {rc}) after {_fmt(wall)}; see {run_dir / 'train.log'}")
+            status([s.name for s, *_ in running] + [s.name for s in todo])
+    status([], wall_s=round(time.perf_counter() - t0, 1))
+    ordered = [rows[s.name] for s in specs]
     log(
-        f"[sweep] {sum(r['status'] == 'done' for r in rows)} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
-        f"{sum(r['status'] == 'pending' for r in rows)} pending; this invocation {_fmt(time.perf_counter() - t0)}"
+        f"[sweep] {sum(r['status'] == 'done' for r in ordered)} done, {sum(r['status'] == 'failed' for r in ordered)} failed, "
+        f"{sum(r['status'] == 'pending' for r in ordered)} pending; this invocation {_fmt(time.perf_counter() - t0)}"
     )
-    return rows
+    return ordered
 
 
 def present(specs: list[RunSpec], out: Path, phantom: dict | None) -> list[dict]:
