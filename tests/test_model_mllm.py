@@ -256,7 +256,7 @@ def labelled_batch(n: int, positive: list[int], known: list[int]) -> dict:
 
 
 def test_finding_targets_follow_the_ct_rate_class_order(tokenizer):
-    from hilt_scale.model.mllm import finding_targets
+    from hilt_scale.model.findings import finding_targets
     from shards.schema import CLASSES
 
     labels = {c: 0 for c in CLASSES} | {"Emphysema": 1, "Lung nodule": 1}

@@ -82,7 +82,7 @@ def test_probe_readouts_pool_tokens_as_named():
     tokens = torch.zeros(2, 5, 3)
     tokens[:, 0] = 10.0  # the same dominant token in both samples
     tokens[1, 1:] = 1.0  # sample 1: every other token raised (a global change)
-    from hilt_scale.model.mllm import max_mean
+    from hilt_scale.model.findings import max_mean
 
     pooled = max_mean(tokens)
     assert pooled.shape == (2, 6)

@@ -21,6 +21,7 @@ from torch import nn
 
 from hilt_scale.model.config import LLMConfig, ModelConfig, Size3, grid, validate
 from hilt_scale.model.connectors import build_connector
+from hilt_scale.model.findings import FindingTokens, finding_targets, max_mean
 from hilt_scale.model.tokenizer import train_report_tokenizer
 from hilt_scale.model.vit3d import ViT3D
 from shards.batch import stack_batch
@@ -131,24 +132,6 @@ class ReportCollator:
         self.truncated += cut
         self.seen += len(rows)
         return out
-
-
-def max_mean(tokens: torch.Tensor) -> torch.Tensor:
-    """[B, N, C] tokens -> [B, 2C]: the max over tokens (a small finding lifts one token) beside the
-    mean (a global change lifts all): the readout of the finding head and of the vision probe."""
-    return torch.cat([tokens.amax(1), tokens.mean(1)], dim=-1)
-
-
-def finding_targets(meta: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, 18] 0/1 targets from each sample's CT-RATE labels (``shards.schema.CLASSES`` order) and
-    [B] whether the sample has all 18 (a sample without labels has all-zero targets, not known)."""
-    targets, known = [], []
-    for m in meta:
-        labels = m.get("labels") or {}
-        has = all(c in labels for c in CLASSES)
-        known.append(has)
-        targets.append([float(labels[c]) if has else 0.0 for c in CLASSES])
-    return torch.tensor(targets, dtype=torch.float32).reshape(len(meta), len(CLASSES)), torch.tensor(known)
 
 
 def resolve_attn_implementation(requested: str = "auto") -> str:
@@ -362,21 +345,6 @@ def encode_volumes(
     return connector(*vision_features(vision, connector, hr, lr_size, lr_mode))
 
 
-class FindingTokens(nn.Module):
-    """The finding tokens (ModelConfig.finding_tokens): token k = p_k * present_k + (1 - p_k) *
-    absent_k for [B, K] probabilities p (detached), two learned embeddings per class. A module
-    of its own, so ZeRO-3 gathers its weights when it runs, in generation too."""
-
-    def __init__(self, classes: int, width: int) -> None:
-        super().__init__()
-        self.present = nn.Parameter(torch.randn(classes, width) * 0.02)
-        self.absent = nn.Parameter(torch.randn(classes, width) * 0.02)
-
-    def forward(self, prob: torch.Tensor) -> torch.Tensor:
-        p = prob.detach().to(self.present.dtype)[..., None]  # [B, K, 1]
-        return p * self.present + (1 - p) * self.absent
-
-
 class HiltReportModel(nn.Module):
     """Vision encoder + connector + causal LM; ``forward(batch) -> loss``, ``generate(hr) -> texts``."""
 
@@ -420,11 +388,14 @@ class HiltReportModel(nn.Module):
             placeholder=self.cfg.image_placeholder,
         )
 
-    def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
-        """[B, 1, D, H, W] uint8/int16/float volume -> visual tokens [B, N_vis, LLM width]."""
+    def visual_tokens(self, hr: torch.Tensor) -> torch.Tensor:
+        """[B, 1, D, H, W] uint8/int16/float volume -> the connector's tokens [B, N_vis, LLM width]."""
         res = self.cfg.resolution
-        tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
-        tokens = tokens.to(self.llm.get_input_embeddings().weight.dtype)
+        return encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
+
+    def encode_images(self, hr: torch.Tensor) -> torch.Tensor:
+        """[B, 1, D, H, W] volume -> the LLM's image tokens: visual tokens (+ the finding tokens)."""
+        tokens = self.visual_tokens(hr).to(self.llm.get_input_embeddings().weight.dtype)
         if self.cfg.finding_tokens == "none":
             return tokens
         return self.with_finding_tokens(tokens, torch.sigmoid(self.finding_logits(tokens)))
@@ -432,9 +403,7 @@ class HiltReportModel(nn.Module):
     @torch.no_grad()
     def finding_probabilities(self, hr: torch.Tensor) -> torch.Tensor:
         """[B, 18] probabilities of the finding head (needs one) for [B, 1, D, H, W] volumes."""
-        res = self.cfg.resolution
-        visual = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
-        return torch.sigmoid(self.finding_logits(visual))
+        return torch.sigmoid(self.finding_logits(self.visual_tokens(hr)))
 
     def finding_logits(self, visual: torch.Tensor) -> torch.Tensor:
         """[B, 18] float logits of the finding head on [B, N, C] visual tokens (max + mean readout)."""

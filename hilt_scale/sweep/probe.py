@@ -34,7 +34,8 @@ from torch import nn
 from hilt_scale.evaluation.scoring import roc_auc
 from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config
 from hilt_scale.model.connectors import build_connector
-from hilt_scale.model.mllm import build_vision, encode_volumes, max_mean
+from hilt_scale.model.findings import max_mean
+from hilt_scale.model.mllm import build_vision, encode_volumes
 from hilt_scale.sweep.grid import parse_list
 from hilt_scale.sweep.study import mean_std
 from shards.io import write_json_atomic, write_text_atomic
