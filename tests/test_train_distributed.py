@@ -297,6 +297,31 @@ def test_resume_falls_back_from_a_truncated_tag_to_the_older_intact_one(cache, f
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_vision_warmup_keeps_the_main_phase_data_order_and_a_resume_skips_it(cache, tmp_path):
+    """--vision-warmup-steps: the main phase trains on the same keys in the same order as without
+    it (the warm-up has its own shuffle) from warmed vision weights; a resumed run does not warm
+    up again (its checkpoint holds the warmed weights)."""
+    flags = ("--no-eval", "--trace-keys", "--set", "findings_loss=0.5")
+    plain, warm = tmp_path / "plain", tmp_path / "warm"
+    run(PY_ZERO2 + tiny_flags(cache, plain, "--max-steps", "2", *flags))
+    proc = run(PY_ZERO2 + tiny_flags(cache, warm, "--max-steps", "2", *flags, "--vision-warmup-steps", "3"))
+    assert "vision warm-up step 3/3" in proc.stdout
+
+    def keys(out: Path) -> list[str]:
+        return json.loads((out / "keys.rank0.json").read_text())
+
+    assert keys(warm) == keys(plain) and len(keys(plain)) == 8
+    summary = json.loads((warm / "summary.json").read_text())
+    assert summary["vision_warmup"]["steps"] == 3
+    assert json.loads((plain / "summary.json").read_text())["vision_warmup"] is None
+    a, b = export_tensors(plain), export_tensors(warm)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("vision."))
+    more = ("--max-steps", "3", "--allow-change", "max_steps", "--resume", "--vision-warmup-steps", "3")
+    proc = run(PY_ZERO2 + tiny_flags(cache, warm, *flags, *more))
+    assert "resumed at step 2" in proc.stdout and "vision warm-up" not in proc.stdout
+    assert json.loads((warm / "summary.json").read_text())["vision_warmup"] is None
+
+
 def test_resume_refuses_a_changed_model_data_set_and_zero_stage_by_name(cache, finished, tmp_path):
     """Case 8: named before DeepSpeed's own assertions (which said nothing of what changed)."""
     out = copy_run(finished, tmp_path / "run")

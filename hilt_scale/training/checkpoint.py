@@ -56,7 +56,7 @@ KILL_IN_SAVE_ENV = "HILT_SCALE_KILL_IN_SAVE"
 # be the run it continues; ``--allow-change KEY`` accepts one on purpose (recorded in train_config.json).
 RESUME_FIELDS = (
     "micro_batch", "total_batch", "seed", "data", "phantom_n", "phantom_size",
-    "lr", "warmup_ratio", "max_steps", "epochs",
+    "lr", "warmup_ratio", "max_steps", "epochs", "vision_warmup_steps",
 )  # fmt: skip
 _TAG_RE = re.compile(r"^step(\d+)(?:-(\d+))?$")
 _saving_step: int | None = None  # the step being saved (for the "write" fault injection)

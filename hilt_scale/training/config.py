@@ -48,6 +48,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     epochs: float = 1.0
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule still spans them)
+    # Steps of the vision path alone (ViT, connector, finding head) on the finding loss before the
+    # whole model trains (training/warmup.py); needs findings_loss > 0. 0 = none (the paper).
+    vision_warmup_steps: int = 0
     seed: int = 0
     num_workers: int = 0
     # Checkpoint / evaluation cadence in optimizer steps (0 = only at the end).

@@ -216,24 +216,32 @@ class Batches:
         return batch
 
 
+def next_batch(batches: Batches) -> dict:
+    """The next micro-batch; a rank out of good samples stops every rank with its DataError
+    (collective), so none waits in a collective."""
+    import torch.distributed as dist
+
+    from shards.ingest import DataError
+
+    batch, err = None, None
+    try:
+        batch = batches.next()
+    except DataError as exc:
+        err = f"rank {dist.get_rank()}: {exc}"
+    err = agreed_error(err)
+    if err is not None:
+        raise DataError(err)
+    return batch
+
+
 def train_step(engine: Any, batches: Batches, accum: int) -> tuple[float, dict[str, float]]:
     """One optimizer step = ``accum`` micro-batches; returns the mean loss over them and all ranks,
     and the mean of the loss's parts (the auxiliary finding loss when the model has one)."""
     import torch.distributed as dist
 
-    from shards.ingest import DataError
-
     total, findings = torch.zeros(()), torch.zeros(())
     for _ in range(accum):
-        batch, err = None, None
-        try:
-            batch = batches.next()
-        except DataError as exc:
-            err = f"rank {dist.get_rank()}: {exc}"
-        err = agreed_error(err)  # a rank out of samples stops every rank, none waits in a collective
-        if err is not None:
-            raise DataError(err)
-        loss = engine(batch)
+        loss = engine(next_batch(batches))
         engine.backward(loss)
         engine.step()
         total += loss.detach().float().cpu()
@@ -293,15 +301,20 @@ def run(cfg: TrainConfig) -> dict | None:
     ds_config = fill_ds_config(cfg.ds, ds_values(cfg, world, total))
     if not torch.cuda.is_available():  # offload configs on CPU: torch AdamW instead of DeepSpeedCPUAdam
         ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
+    ckpt_dir = out / "checkpoints"
+    resume = cfg.resume or bool(cfg.resume_tag)
+    warmup = None  # a resumed run's checkpoint already holds the warmed vision path
+    if cfg.vision_warmup_steps and not (resume and (cfg.resume_tag or checkpoint.pointer_tag(ckpt_dir))):
+        from hilt_scale.training.warmup import warm_up_vision
+
+        warmup = warm_up_vision(model, cfg, data_path, rank, world, print if rank == 0 else (lambda _m: None))
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
     meter = StepMeter(model, world)  # telemetry: tokens/s, data wait, memory, FLOPs, MFU
     step, batches = 0, Batches(loader, cfg.trace_keys, meter)
-    ckpt_dir = out / "checkpoints"
     identity = checkpoint.run_identity(cfg, mcfg, data_path, world, engine.zero_optimization_stage())
     say = print if rank == 0 else (lambda _msg: None)
-    resume = cfg.resume or bool(cfg.resume_tag)
     allow = tuple(cfg.allow_change)
     loaded = (
         checkpoint.load(engine, ckpt_dir, identity, say, cfg.resume_tag or None, allow) if resume else None
@@ -411,6 +424,7 @@ def run(cfg: TrainConfig) -> dict | None:
             "steps": step,
             "world_size": world,
             "wall_s": round(time.perf_counter() - t_start, 1),
+            "vision_warmup": warmup,  # --vision-warmup-steps: its steps, seconds, finding loss
             "telemetry": meter.means(),  # per-step throughput, memory, FLOPs, MFU (docs/TRAINING.md)
             "final": scores,
             "baseline_constant_report": baseline,
