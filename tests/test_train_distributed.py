@@ -37,11 +37,13 @@ def cache(tmp_path_factory) -> Path:
 
 
 def tiny_flags(cache: Path, out: Path, *extra: str) -> list[str]:
-    """Flags of a tiny run on the cached phantom: micro 2, total 4, no evaluation unless asked."""
+    """Flags of a tiny run on the cached phantom: micro 2, total 4, no evaluation unless asked, no
+    vision warm-up unless asked (these runs test the machinery)."""
     return [
         "--cache", str(cache), "--out", str(out), "--phantom-n", str(N),
         "--resolution", "cpu-micro", "--vision", "vit-micro", "--llm", "llm-micro",
-        "--micro-batch", "2", "--total-batch", "4", "--lr", "1e-3", "--save-every", "2", *extra,
+        "--micro-batch", "2", "--total-batch", "4", "--lr", "1e-3", "--save-every", "2",
+        "--vision-warmup-steps", "0", *extra,
     ]  # fmt: skip
 
 
