@@ -132,6 +132,11 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
+def _row(spec: RunSpec) -> dict:
+    """The fields of a run's status row that come from its spec."""
+    return {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
+
+
 def run_sweep(
     specs: list[RunSpec],
     out: Path,
@@ -162,7 +167,7 @@ def run_sweep(
     rows: dict[str, dict] = {}
     todo = []
     for spec in specs:
-        row = {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
+        row = _row(spec)
         if finished(out / "runs" / spec.name):
             rows[spec.name] = {**row, "status": "done", "resumed": True}
         elif spec.pending:
@@ -209,8 +214,7 @@ def run_sweep(
             fh.close()
             running.remove(item)
             done_now += 1
-            run_dir = out / "runs" / spec.name
-            row = {"run": spec.name, "group": spec.group, "axes": spec.axes, "seed": spec.seed}
+            run_dir, row = out / "runs" / spec.name, _row(spec)
             if rc == 0 and finished(run_dir):
                 rows[spec.name] = {**row, "status": "done", "wall_s": wall}
                 log(f"[sweep]   {spec.name} done in {_fmt(wall)}")

@@ -302,19 +302,19 @@ def run(cfg: TrainConfig) -> dict | None:
     if not torch.cuda.is_available():  # offload configs on CPU: torch AdamW instead of DeepSpeedCPUAdam
         ds_config.setdefault("zero_force_ds_cpu_optimizer", False)
     ckpt_dir = out / "checkpoints"
+    say = print if rank == 0 else (lambda _msg: None)
     resume = cfg.resume or bool(cfg.resume_tag)
     warmup = None  # a resumed run's checkpoint already holds the warmed vision path
     if cfg.vision_warmup_steps and not (resume and (cfg.resume_tag or checkpoint.pointer_tag(ckpt_dir))):
         from hilt_scale.training.warmup import warm_up_vision
 
-        warmup = warm_up_vision(model, cfg, data_path, rank, world, print if rank == 0 else (lambda _m: None))
+        warmup = warm_up_vision(model, cfg, data_path, rank, world, say)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
 
     meter = StepMeter(model, world)  # telemetry: tokens/s, data wait, memory, FLOPs, MFU
     step, batches = 0, Batches(loader, cfg.trace_keys, meter)
     identity = checkpoint.run_identity(cfg, mcfg, data_path, world, engine.zero_optimization_stage())
-    say = print if rank == 0 else (lambda _msg: None)
     allow = tuple(cfg.allow_change)
     loaded = (
         checkpoint.load(engine, ckpt_dir, identity, say, cfg.resume_tag or None, allow) if resume else None
