@@ -55,6 +55,8 @@ def _measured(model, batch, train: bool) -> dict[str, int]:
         # The main job: footprint keys (block-local attention) and the finding tokens in the LLM.
         ("hilt", "llm-micro", {"vision.input": "window+contrast", "vision.stem": "conv", "connector.keys": "footprint",
                                "findings_loss": "1.0", "vision_lm_grad": "false", "finding_tokens": "teacher"}),
+        # Three input channels (the calcium window).
+        ("hilt", "llm-micro", {"vision.input": "window+contrast+calcium", "vision.stem": "conv"}),
     ],
 )
 def test_step_flops_match_flop_counter_on_the_real_forward_and_backward(connector, llm, overrides) -> None:
@@ -62,7 +64,7 @@ def test_step_flops_match_flop_counter_on_the_real_forward_and_backward(connecto
     torch.manual_seed(0)
     model = build_model(cfg, build_tokenizer(cfg, texts=REPORTS * 10))
     model.train()
-    hr = torch.randint(0, 255, (3, 1, *cfg.resolution.hr_size), dtype=torch.uint8)
+    hr = torch.randint(-1000, 1000, (3, 1, *cfg.resolution.hr_size), dtype=torch.int16)  # HU
     batch = model.collator()({"key": ["a", "b", "c"], "hr": hr, "report": REPORTS, "meta": [{}] * 3})
     shape = flops.llm_shape(model.llm.config, cfg)
     text_len = batch["input_ids"].shape[1]

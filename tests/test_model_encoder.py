@@ -216,6 +216,44 @@ def test_a_wider_hu_window_keeps_calcium_apart_from_soft_tissue():
         to_unit_range(torch.zeros(1, 4, dtype=torch.uint8), (-1000.0, 1000.0))
 
 
+def test_the_calcium_channel_keeps_a_calcium_voxel_that_the_paper_window_clips_and_lr_dilutes():
+    """vision.input=window+contrast+calcium: the ViT gets (window, local contrast, HU in [130, 1000]),
+    HR and LR alike. A one-voxel 800 HU spot beside 350 HU bone: the paper window makes them equal,
+    the calcium channel keeps them apart at HR, and the LR view (average of 8) dilutes the spot."""
+    cfg = model_config(
+        vision="vit-micro-conv", connector="hilt", resolution="cpu-micro",
+        overrides=["vision.input=window+contrast+calcium"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    vit = build_vision(cfg)
+    assert vit.stem.conv.in_channels == 3
+    from hilt_scale.model.connectors import build_connector
+
+    conn = build_connector(cfg.connector, cfg.vision.width, 8)
+    hr = torch.full((1, 1, 16, 32, 32), 40, dtype=torch.int16)  # soft tissue
+    hr[..., 20:] = 350  # bone
+    hr[0, 0, 5, 6, 7] = 800  # one calcium voxel
+    seen = []
+    vit.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        encode_volumes(vit, conn, (8, 16, 16), hr)
+    lr_in, hr_in = seen  # the connector needs the LR pass, then the HR pass
+    calcium = (hr.float().clamp(130, 1000) - 130) / 870 * 2 - 1
+    assert hr_in.shape == (1, 2, 16, 32, 32) and torch.equal(hr_in[:, 1:], calcium)
+    assert hr_in[0, 0, 5, 6, 7] == hr_in[0, 0, 5, 6, 25] == 1.0  # the paper window: spot == bone
+    assert hr_in[0, 1, 5, 6, 7] > hr_in[0, 1, 5, 6, 25] + 0.9  # the calcium channel: apart
+    assert torch.allclose(lr_in, F.avg_pool3d(hr_in, 2))
+    spot_lr = lr_in[0, 1, 2, 3, 3]
+    assert spot_lr == pytest.approx(-1 + 2 * (800 - 130) / 870 / 8, rel=1e-5)  # 1/8 of the spot
+    assert spot_lr < lr_in[0, 1, 2, 3, 12]  # below the bone's LR voxels
+    x = input_channels(hr_in, cfg.vision.input)
+    assert x.shape == (1, 3, 16, 32, 32)
+    assert torch.equal(x[:, 0], hr_in[:, 0]) and torch.equal(x[:, 2], hr_in[:, 1])
+    assert torch.allclose(x[:, 1:2], local_contrast((hr_in[:, :1] + 1) / 2))
+    with pytest.raises(ValueError, match="int16"):  # uint8 shards have lost the HU above the window
+        encode_volumes(vit, conn, (8, 16, 16), torch.zeros(1, 1, 16, 32, 32, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("norm", [False, True])
 def test_projector_norm_gives_the_llm_tokens_of_one_scale_whatever_the_encoders(norm):
     """Without the ViT's final LayerNorm token norms grow; connector.projector_norm normalises the

@@ -20,7 +20,11 @@ ATTN_IMPLS = ("eager", "sdpa", "triton")
 ATTN_SCALES = ("rsqrt", "paper", "learned")
 ATTN_KEYS = ("global", "footprint")
 FINDING_TOKENS = ("none", "predicted", "teacher")
-VISION_INPUTS = ("window", "window+contrast")
+# vision.input -> the ViT's input channels per voxel.
+VISION_INPUTS = {"window": 1, "window+contrast": 2, "window+contrast+calcium": 3}
+# HU range of the calcium channel (vision.input=window+contrast+calcium): from the Agatston
+# threshold (130 HU, the usual definition of calcium in CT) to 1000 HU.
+CALCIUM_WINDOW = (130.0, 1000.0)
 VISION_STEMS = ("patch", "conv")
 LR_VIEWS = ("area", "trilinear")
 QUANTIZATIONS = ("none", "nf4")
@@ -39,7 +43,9 @@ class VisionConfig:
     grad_checkpointing: bool = False
     # What the ViT sees per voxel: "window" = the HU window in [-1, 1] (the paper); "window+contrast"
     # adds a second channel, the local contrast of the windowed volume (voxel minus the mean of its
-    # 3x5x5 neighbourhood, over the neighbourhood's std + 0.05), computed on each view (HR, LR) alone.
+    # 3x5x5 neighbourhood, over the neighbourhood's std + 0.05), computed on each view (HR, LR) alone;
+    # "window+contrast+calcium" adds a third, the HU in CALCIUM_WINDOW in [-1, 1], which the
+    # paper's window clips away (needs HU input: int16 shards).
     input: str = "window"
     # Token embedding: "patch" = a linear map of each flattened patch (the paper); "conv" = Conv3d
     # 3x3x3 (input channels -> stem_channels) + ReLU, max over each patch, then a linear map.
@@ -413,7 +419,7 @@ def validate(cfg: ModelConfig) -> None:
             "have no footprint: set connector.keys=global"
         )
     if v.input not in VISION_INPUTS:
-        raise ValueError(f"vision.input={v.input!r}; expected one of {VISION_INPUTS}")
+        raise ValueError(f"vision.input={v.input!r}; expected one of {tuple(VISION_INPUTS)}")
     if v.stem not in VISION_STEMS:
         raise ValueError(f"vision.stem={v.stem!r}; expected one of {VISION_STEMS}")
     if len(v.hu_window) != 2 or not v.hu_window[0] < v.hu_window[1]:

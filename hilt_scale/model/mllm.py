@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hilt_scale.model.config import LLMConfig, ModelConfig, Size3, grid, validate
+from hilt_scale.model.config import CALCIUM_WINDOW, LLMConfig, ModelConfig, Size3, grid, validate
 from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.findings import FindingTokens, finding_targets, max_mean
 from hilt_scale.model.tokenizer import train_report_tokenizer
@@ -323,11 +323,20 @@ def vision_features(
         hr = hr.unsqueeze(1)
     if hr.dim() != 5 or hr.shape[1] != 1:
         raise ValueError(f"hr must be [B, 1, D, H, W] (or [B, D, H, W]), got shape {tuple(hr.shape)}")
+    hr = hr.to(device, non_blocking=True)
     # Centre to [-1, 1]: the ViT's LayerNorms remove a token's scale, so with inputs in [0, 1] a
     # dark (air, lung) and a bright (fluid, tissue) uniform patch look alike; centred, they
     # point opposite ways. Measured on the phantom: a linear probe on the ViT learns the
     # findings with centred input and stays at the majority class with [0, 1] input.
-    x = to_unit_range(hr.to(device, non_blocking=True), vision.cfg.hu_window) * 2.0 - 1.0
+    x = to_unit_range(hr, vision.cfg.hu_window) * 2.0 - 1.0
+    if vision.cfg.input == "window+contrast+calcium":
+        if hr.dtype not in (torch.int16, torch.int32):
+            raise ValueError(
+                f"vision.input=window+contrast+calcium needs HU input, got {hr.dtype} volumes: uint8 "
+                f"shards are windowed to {HU_WINDOW} when written; write int16 shards "
+                "(python -m shards.write --dtype int16)"
+            )
+        x = torch.cat([x, to_unit_range(hr, CALCIUM_WINDOW) * 2.0 - 1.0], dim=1)
     z_hr = z_lr = None
     hr_grid = vision.grid_of(x.shape[-3:]) if connector.needs_hr else (0, 0, 0)
     if connector.needs_lr:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hilt_scale.model.config import Size3, VisionConfig
+from hilt_scale.model.config import VISION_INPUTS, Size3, VisionConfig
 
 
 class Attention(nn.Module):
@@ -69,13 +69,16 @@ def local_contrast(unit: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
 
 
 def input_channels(x: torch.Tensor, mode: str) -> torch.Tensor:
-    """The ViT's input from a [B, 1, D, H, W] volume centred to [-1, 1]: itself ("window") or itself
-    plus the local contrast of its [0, 1] form ("window+contrast")."""
+    """The ViT's input from a volume centred to [-1, 1]: [B, 1, D, H, W] for "window" (returned as
+    it is) and "window+contrast" (plus the local contrast of its [0, 1] form); [B, 2, D, H, W] =
+    (window, calcium window) for "window+contrast+calcium" -> (window, its local contrast, calcium)."""
     if mode == "window":
         return x
     if mode == "window+contrast":
         return torch.cat([x, local_contrast((x + 1.0) * 0.5)], dim=1)
-    raise ValueError(f"vision.input={mode!r}; expected 'window' or 'window+contrast'")
+    if mode == "window+contrast+calcium":
+        return torch.cat([x[:, :1], local_contrast((x[:, :1] + 1.0) * 0.5), x[:, 1:]], dim=1)
+    raise ValueError(f"vision.input={mode!r}; expected one of {tuple(VISION_INPUTS)}")
 
 
 class ConvStem(nn.Module):
@@ -93,8 +96,9 @@ class ConvStem(nn.Module):
 
 
 class ViT3D(nn.Module):
-    """Patchify a [B, 1, D, H, W] volume (centred to [-1, 1]) into tokens and encode them; returns
-    [B, N, width]. ``cfg.input`` adds input channels, ``cfg.stem`` picks the token embedding."""
+    """Patchify a [B, 1, D, H, W] volume centred to [-1, 1] ([B, 2, ...] with the calcium channel)
+    into tokens and encode them; returns [B, N, width]. ``cfg.input`` adds input channels,
+    ``cfg.stem`` picks the token embedding."""
 
     def __init__(self, cfg: VisionConfig, patch_size: Size3, hr_grid: Size3) -> None:
         super().__init__()
@@ -102,7 +106,7 @@ class ViT3D(nn.Module):
         self.patch_size = tuple(patch_size)
         self.hr_grid = tuple(hr_grid)
         self.width = cfg.width
-        in_channels = 2 if cfg.input == "window+contrast" else 1
+        in_channels = VISION_INPUTS[cfg.input]
         if cfg.stem == "conv":
             self.stem = ConvStem(in_channels, cfg.stem_channels, self.patch_size)
             self.patch_embed = nn.Linear(cfg.stem_channels, cfg.width)

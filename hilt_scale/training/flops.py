@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hilt_scale.model.config import ModelConfig, Size3, grid
+from hilt_scale.model.config import VISION_INPUTS, ModelConfig, Size3, grid
 from shards.schema import CLASSES
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, per device; the first name fragment found
@@ -95,7 +95,7 @@ def vit_pass(cfg: ModelConfig, n_tokens: int, patch_voxels: int) -> dict[str, in
     (the token embedding) and ``blocks`` (qkv, attention, projection, MLP of every block)."""
     v = cfg.vision
     c, hidden = v.width, int(v.width * v.mlp_ratio)
-    in_channels = 2 if v.input == "window+contrast" else 1
+    in_channels = VISION_INPUTS[v.input]
     per_block = (
         _linear(n_tokens, c, 3 * c)  # qkv
         + 2 * 2 * n_tokens * n_tokens * c  # Q·Kᵀ and P·V over all heads
