@@ -134,10 +134,20 @@ def file_sha256(path: Path) -> str:
 
 
 def write_one_shard(job: dict) -> dict:
-    """Write one shard from its records (runs in a worker): temp file, then rename; return its info."""
+    """Write one shard from its records (in a worker, or in the caller's process with one worker):
+    temp file, then rename; return its info. Its resampling runs on one thread; the caller's thread
+    count is restored after (the trainer builds its phantom in-process, then trains)."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _write_one_shard(job)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_one_shard(job: dict) -> dict:
     out = Path(job["out"])
     name = job["name"]
     summary = Summary(found=len(job["records"]))

@@ -32,6 +32,18 @@ def shards(tmp_path_factory) -> str:
     return path
 
 
+def test_building_the_phantom_in_process_keeps_the_trainers_thread_count(tmp_path):
+    """The trainer builds its phantom in its own process (one shard writer), then trains: the
+    writer's one-thread resampling must not leave training on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        build_default(tmp_path / "cache", 4, SIZE, seed=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def _index_only(tmp_path: Path, splits: dict[str, int], hr_size=SIZE) -> str:
     """A shard set's index.json alone (what the split and size checks read)."""
     shards = [{"name": f"{s}-000000.tar", "split": s, "count": n, "keys": []} for s, n in splits.items()]
