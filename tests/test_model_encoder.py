@@ -72,6 +72,25 @@ def test_conv_stem_keeps_a_one_voxel_signal_the_paper_patch_embedding_dilutes():
         assert _spot_token_change(conv, seed) > 3 * _spot_token_change(paper, seed)
 
 
+def test_conv_stem_is_conv_relu_then_the_max_of_each_patch():
+    """The stem takes the max before the ReLU, on channels-last memory: the same values and
+    gradients as the plain conv -> ReLU -> max over each patch (odd patch, two channels, fp64)."""
+    from hilt_scale.model.vit3d import ConvStem
+
+    torch.manual_seed(3)
+    stem = ConvStem(2, 5, (3, 2, 5)).double()
+    with torch.no_grad():
+        stem.conv.bias[:2] -= 2.0  # some patches' maxima below 0: the ReLU's zeros
+    x = torch.randn(2, 2, 6, 4, 15, dtype=torch.float64)
+    ref = F.max_pool3d(F.relu(stem.conv(x)), (3, 2, 5)).flatten(2).transpose(1, 2)
+    w = torch.randn_like(ref)
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), stem.conv.weight)
+    out = stem(x)
+    (grad,) = torch.autograd.grad((out * w).sum(), stem.conv.weight)
+    assert out.shape == (2, 2 * 2 * 3, 5) and (out == 0).any() and (out > 0).any()
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12) and torch.allclose(grad, grad_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_final_norm_equalises_token_norms_and_its_removal_does_not():
     torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 16, 16)
