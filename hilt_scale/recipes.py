@@ -14,7 +14,7 @@ from hilt_scale.training.config import TrainConfig
 
 
 def phantom_cpu() -> TrainConfig:
-    """The main job: phantom default, tiny conv-stem ViT + random-init tiny Llama, 2-core CPU (~13 min)."""
+    """The main job: phantom default, tiny conv-stem ViT + random-init tiny Llama, 2-core CPU (~12 min)."""
     # A random-init LLM on 192 training volumes needs a higher learning rate and many epochs
     # instead of the paper's 1e-4 / batch 4, which assume pretrained LLM weights.
     # The from-scratch encoder that sees one-voxel findings (vit-micro-conv, docs/MODEL.md) learns
