@@ -177,6 +177,26 @@ def test_small_nodules_vanish_after_4x_downsampling() -> None:
     assert checked >= 2
 
 
+def test_calcium_stands_out_at_hr_in_hu_and_not_after_2x_downsampling() -> None:
+    """The brightest tissue of a volume is bone at 350 HU; a calcification is one HR voxel of 800
+    HU: the HR volume's maximum tells whether a volume has one (above the paper's 200 HU window
+    top, which is why the window alone cannot), the 2x average-pooled volume's does not."""
+    size = (32, 64, 64)
+    seen = {True: 0, False: 0}
+    for i in range(8):
+        calcified = i % 2 == 0
+        classes = {"Arterial wall calcification"} if calcified else {"Cardiomegaly"}
+        hu, _, findings = make_volume(size, seed=11, index=i, classes=classes)
+        lr = hu.astype(np.float32).reshape(16, 2, 32, 2, 32, 2).mean(axis=(1, 3, 5))
+        if calcified:
+            assert hu.max() >= 700, (i, hu.max())
+        else:
+            assert hu.max() < 450, (i, hu.max())
+        assert lr.max() < 450, (i, lr.max())
+        seen[calcified] += 1
+    assert seen == {True: 4, False: 4}
+
+
 def test_reports_match_labeler_when_available(phantom: Path) -> None:
     labeler = pytest.importorskip("hilt_scale.evaluation.labeler")
     rows = [
