@@ -21,7 +21,7 @@ import numpy as np
 from nibabel import orientations
 
 from shards.csvrows import read_csv_rows
-from shards.schema import HU_WINDOW
+from shards.schema import HU_WINDOW, stored_hu_range
 
 # nibabel axis codes of the canonical (W, H, D) = NIfTI (i, j, k) order: +i -> L, +j -> P, +k -> I.
 CANONICAL_AXCODES = ("L", "P", "I")
@@ -313,6 +313,9 @@ def preprocess(
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Clip HU, resample (trilinear) to hr_size, quantise; return (array, output spacing z,y,x).
 
+    uint8 is the paper's window (HU_WINDOW) scaled to 0..255; int16 is HU, clipped to
+    INT16_HU_RANGE only, so calcium and bone keep their values (``shards.schema.stored_hu_range``).
+
     With target_spacing the volume is first resampled to that spacing, then centre-cropped or
     padded with air to hr_size (CT-RATE's recipe); without it, it is resized straight to hr_size.
     ``hu`` may be any real dtype and any view: it is read a plane at a time (``shards.resample``),
@@ -323,6 +326,7 @@ def preprocess(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     lo, hi = HU_WINDOW
+    clip = stored_hu_range(dtype)
     hr_size = tuple(int(m) for m in hr_size)
     if target_spacing is not None:
         # Cut the source to (a little more than) the part the grid keeps before resampling, so a
@@ -345,8 +349,8 @@ def preprocess(
         return np.rint(x).astype(np.int16)
 
     out = np.empty(hr_size, DTYPES[dtype])
-    out[...] = quantise(np.full((1, 1), lo, np.float32))  # air where the grid is padded
-    for d, plane in resampled_planes(hu, shape, (lo, hi), hr_size):
+    out[...] = quantise(np.full((1, 1), lo, np.float32))  # air (-1000 HU) where the grid is padded
+    for d, plane in resampled_planes(hu, shape, clip, hr_size, fill=lo):
         out[d] = quantise(plane)
     return out, out_spacing
 

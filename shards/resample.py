@@ -53,9 +53,10 @@ def resampled_planes(
     shape: tuple[int, int, int],
     window: tuple[float, float],
     grid: tuple[int, int, int] | None = None,
+    fill: float | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(output index, float32 plane) of ``src`` clipped to ``window``, resized to ``shape`` and
-    centre cropped/padded (fill: the window's low end) to ``grid`` (default ``shape``).
+    centre cropped/padded (with ``fill``, default the window's low end) to ``grid`` (default ``shape``).
 
     Only the planes that land inside the grid are computed; grid planes not yielded are air.
     """
@@ -78,6 +79,6 @@ def resampled_planes(
         if hi[k] != lo[k] and t[k] != 0:
             p = p * (1 - t[k]) + plane(int(hi[k])) * t[k]
         p = _resize_plane(p, shape[1], shape[2])
-        out = np.full(grid[1:], lo_v, dtype=np.float32)
+        out = np.full(grid[1:], lo_v if fill is None else fill, dtype=np.float32)
         out[h_dst, w_dst] = p[h_src, w_src]
         yield d, out

@@ -30,6 +30,16 @@ CLASSES: tuple[str, ...] = (
 
 # HU window of the preprocessing (paper: clip to [-1000, 200], scale to [0, 1]).
 HU_WINDOW: tuple[float, float] = (-1000.0, 200.0)
+# HU range int16 shards keep (a CT scanner's 12-bit range): the model windows them itself, so HU
+# above the paper's window (calcium, bone, contrast) stays available (vision.hu_window, the
+# calcium channel). uint8 shards are windowed to HU_WINDOW when written.
+INT16_HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
+
+
+def stored_hu_range(dtype: str) -> tuple[float, float]:
+    """HU range a shard of ``dtype`` keeps: HU_WINDOW for uint8, INT16_HU_RANGE for int16."""
+    return INT16_HU_RANGE if dtype == "int16" else HU_WINDOW
+
 
 Size3 = tuple[int, int, int]
 

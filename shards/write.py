@@ -64,7 +64,7 @@ from shards.ingest import (
     source_records,
 )
 from shards.io import atomic_write, lock_dir, write_json_atomic
-from shards.schema import HU_WINDOW, parse_size
+from shards.schema import parse_size, stored_hu_range
 
 INDEX_VERSION = 2  # 2: zstd frames carry a content checksum; shards list crc32 of json and txt
 PARTS_DIR = ".parts"  # per-shard info of finished shards, so a rerun can skip them
@@ -88,7 +88,7 @@ def encode_sample(
         "source_spacing": [round(s, 6) for s in spacing],
         "source_shape": list(hu.shape),
         "orientation": list(ORIENTATION),
-        "hu_window": list(HU_WINDOW),
+        "hu_window": list(stored_hu_range(dtype)),
         "source": str(rec.path),
         "sha256": array_sha256(arr),
         "dataset": rec.dataset,
@@ -389,6 +389,7 @@ def write_shards(
         "zstd_level": zstd_level,
         "format": INDEX_VERSION,
         "rescale": rescale,
+        "hu_range": list(stored_hu_range(dtype)),  # int16 once kept only the paper's window
     }
     plan = plan_shards(records, samples_per_shard)
     jobs, infos = [], {}

@@ -111,8 +111,8 @@ def test_preprocess_window_scaling_and_spacing() -> None:
         255,
         128,
     )  # -400 HU -> 127.5 -> 128
-    i16, _ = preprocess(hu, (2.0, 1.0, 1.0), (4, 4, 4), "int16")
-    assert (i16[0, 0, 0], i16[0, 0, 2], i16[1, 1, 1]) == (-1000, 200, -400)
+    i16, _ = preprocess(hu, (2.0, 1.0, 1.0), (4, 4, 4), "int16")  # HU, clipped to the scanner's range
+    assert (i16[0, 0, 0], i16[0, 0, 1], i16[0, 0, 2], i16[1, 1, 1]) == (-1024, 200, 3000, -400)
     # Resize to half: spacing doubles. Target spacing: resample, then centre crop/pad with air.
     _, sp2 = preprocess(hu, (2.0, 1.0, 1.0), (2, 2, 2))
     assert sp2 == (4.0, 2.0, 2.0)

@@ -197,6 +197,32 @@ def test_calcium_stands_out_at_hr_in_hu_and_not_after_2x_downsampling() -> None:
     assert seen == {True: 4, False: 4}
 
 
+def test_int16_shards_keep_the_hu_of_calcifications(phantom: Path, tmp_path: Path) -> None:
+    """int16 shards store HU (clipped to the scanner's range only), so a calcification's HU above
+    the paper's window reaches the model (the calcium channel, a wider vision.hu_window); uint8
+    shards are the window. The phantom is written at its own size: no resampling."""
+    from shards.read import ShardSet
+    from shards.write import write_shards
+
+    write_shards(phantom, tmp_path / "i16", hr_size=SIZE, dtype="int16", progress=False)
+    write_shards(phantom, tmp_path / "u8", hr_size=SIZE, progress=False)
+    i16, u8 = ShardSet(tmp_path / "i16"), ShardSet(tmp_path / "u8")
+    calcified = 0
+    for split in ("train", "valid"):
+        for (i, j), (k, m) in zip(i16.entries(split), u8.entries(split)):
+            a, b = i16.read(i, j), u8.read(k, m)
+            name = a["meta"]["source"]
+            hu, _ = load_canonical(Record(a["key"], Path(name), "", split, "ct-rate", 1.0, -1024.0))
+            assert np.array_equal(np.asarray(a["hr"]), hu.astype(np.int16)), name
+            expected = np.rint((np.clip(hu, -1000, 200) + 1000) * 255 / 1200).astype(np.uint8)
+            assert np.array_equal(np.asarray(b["hr"]), expected), name
+            classes = {f["class"] for f in a["meta"]["findings"]}
+            if classes & {"Arterial wall calcification", "Coronary artery wall calcification"}:
+                calcified += 1
+                assert np.asarray(a["hr"]).max() >= 700 and np.asarray(b["hr"]).max() == 255, name
+    assert calcified > 0
+
+
 def test_reports_match_labeler_when_available(phantom: Path) -> None:
     labeler = pytest.importorskip("hilt_scale.evaluation.labeler")
     rows = [
