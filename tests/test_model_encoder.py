@@ -245,7 +245,9 @@ def test_the_calcium_channel_keeps_a_calcium_voxel_that_the_paper_window_clips_a
     )  # fmt: skip
     torch.manual_seed(0)
     vit = build_vision(cfg)
-    assert vit.stem.conv.in_channels == 3
+    # window + contrast share the stem's filters; the calcium channel has filters of its own
+    assert vit.stem.conv.in_channels == 2 and vit.stem.calcium.in_channels == 1
+    assert vit.patch_embed.in_features == cfg.vision.stem_channels + vit.stem.calcium.out_channels
     from hilt_scale.model.connectors import build_connector
 
     conn = build_connector(cfg.connector, cfg.vision.width, 8)
@@ -267,10 +269,28 @@ def test_the_calcium_channel_keeps_a_calcium_voxel_that_the_paper_window_clips_a
     assert spot_lr < lr_in[0, 1, 2, 3, 12]  # below the bone's LR voxels
     x = input_channels(hr_in, cfg.vision.input)
     assert x.shape == (1, 3, 16, 32, 32)
-    assert torch.equal(x[:, 0], hr_in[:, 0]) and torch.equal(x[:, 2], hr_in[:, 1])
+    assert torch.equal(x[:, 0], hr_in[:, 0]) and torch.equal(x[:, 2], (hr_in[:, 1] + 1) / 2)  # calcium in [0, 1]
     assert torch.allclose(x[:, 1:2], local_contrast((hr_in[:, :1] + 1) / 2))
     with pytest.raises(ValueError, match="int16"):  # uint8 shards have lost the HU above the window
         encode_volumes(vit, conn, (8, 16, 16), torch.zeros(1, 1, 16, 32, 32, dtype=torch.uint8))
+
+
+def test_the_calcium_filters_see_the_calcium_channel_alone_and_the_others_never_see_it():
+    from hilt_scale.model.vit3d import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(3, 5, (2, 4, 4), calcium_channels=3).double()
+    x = torch.randn(2, 3, 4, 8, 8, dtype=torch.float64)
+    y = x.clone()
+    y[:, 2] = torch.rand(2, 4, 8, 8, dtype=torch.float64)  # another calcium channel
+    z = x.clone()
+    z[:, :2] = torch.randn(2, 2, 4, 8, 8, dtype=torch.float64)  # other window / contrast channels
+    out, out_y, out_z = stem(x), stem(y), stem(z)
+    assert out.shape == (2, 2 * 2 * 2, 5 + 3)
+    assert torch.equal(out[..., :5], out_y[..., :5]) and not torch.equal(out[..., 5:], out_y[..., 5:])
+    assert torch.equal(out[..., 5:], out_z[..., 5:]) and not torch.equal(out[..., :5], out_z[..., :5])
+    ref = F.max_pool3d(F.relu(stem.calcium(x[:, 2:])), (2, 4, 4)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out[..., 5:], ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm", [False, True])

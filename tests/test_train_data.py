@@ -44,6 +44,30 @@ def test_building_the_phantom_in_process_keeps_the_trainers_thread_count(tmp_pat
         torch.set_num_threads(before)
 
 
+def test_an_encoder_that_reads_hu_above_the_window_gets_int16_phantom_shards(tmp_path):
+    """The calcium channel needs HU: without --data the trainer writes its phantom as int16 shards,
+    in a cache entry of its own, and the HU above the paper's window reach the batch; the paper's
+    encoder keeps the uint8 phantom."""
+    from hilt_scale.training.loop import run_model_config
+    from shards.read import open_shard_set
+
+    def data_of(*sets: str) -> str:
+        args = ["--resolution", "cpu-micro", "--vision", "vit-micro-conv"]
+        cfg = dataclasses.replace(
+            parse_args([*args, *(x for s in sets for x in ("--set", s))]),
+            cache=str(tmp_path / "cache"),
+            phantom_n=8,
+        )
+        return prepare_data(cfg, run_model_config(cfg), rank=0, local_rank=0)[0]
+
+    hu = open_shard_set(data_of("vision.input=window+contrast+calcium"))
+    paper = open_shard_set(data_of())
+    assert hu.dtype == "int16" and paper.dtype == "uint8" and hu.root != paper.root
+    top = max(int(hu.read(i, j)["hr"].max()) for s in ("train", "valid") for i, j in hu.entries(s))
+    assert top > 200, top  # above the paper's window: bone or calcium kept in HU
+    assert open_shard_set(data_of("vision.hu_window=-1000,1000")).root == hu.root
+
+
 def _index_only(tmp_path: Path, splits: dict[str, int], hr_size=SIZE) -> str:
     """A shard set's index.json alone (what the split and size checks read)."""
     shards = [{"name": f"{s}-000000.tar", "split": s, "count": n, "keys": []} for s, n in splits.items()]

@@ -25,10 +25,21 @@ VISION_INPUTS = {"window": 1, "window+contrast": 2, "window+contrast+calcium": 3
 # HU range of the calcium channel (vision.input=window+contrast+calcium): from the Agatston
 # threshold (130 HU, the usual definition of calcium in CT) to 1000 HU.
 CALCIUM_WINDOW = (130.0, 1000.0)
+# Conv-stem filters of their own for the calcium channel (they see it alone): a spot is then the
+# patch maximum of those filters, so max pooling passes its gradient (docs/SWEEPS.md, round 7).
+CALCIUM_STEM_CHANNELS = 4
 VISION_STEMS = ("patch", "conv")
+PAPER_HU_WINDOW = (-1000.0, 200.0)  # = shards.schema.HU_WINDOW, what uint8 shards hold
 LR_VIEWS = ("area", "trilinear")
 QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def shard_dtype(v: VisionConfig) -> str:
+    """The shard dtype an encoder needs: "int16" (HU) for the calcium channel or a HU window other
+    than the paper's, since uint8 shards hold the paper's window only; else "uint8"."""
+    needs_hu = v.input == "window+contrast+calcium" or tuple(v.hu_window) != PAPER_HU_WINDOW
+    return "int16" if needs_hu else "uint8"
 
 
 @dataclass(kw_only=True)
@@ -44,8 +55,9 @@ class VisionConfig:
     # What the ViT sees per voxel: "window" = the HU window in [-1, 1] (the paper); "window+contrast"
     # adds a second channel, the local contrast of the windowed volume (voxel minus the mean of its
     # 3x5x5 neighbourhood, over the neighbourhood's std + 0.05), computed on each view (HR, LR) alone;
-    # "window+contrast+calcium" adds a third, the HU in CALCIUM_WINDOW in [-1, 1], which the
-    # paper's window clips away (needs HU input: int16 shards).
+    # "window+contrast+calcium" adds a third, the HU in CALCIUM_WINDOW in [0, 1], which the
+    # paper's window clips away (needs HU input: int16 shards, which the trainer's phantom and
+    # the sweep then write); with stem "conv" it has CALCIUM_STEM_CHANNELS filters of its own.
     input: str = "window"
     # Token embedding: "patch" = a linear map of each flattened patch (the paper); "conv" = Conv3d
     # 3x3x3 (input channels -> stem_channels) + ReLU, max over each patch, then a linear map.
@@ -53,7 +65,7 @@ class VisionConfig:
     stem_channels: int = 16
     # HU window of int16 (HU) input, mapped to [-1, 1]; the paper's [-1000, 200] clips calcium
     # (800 HU) to 200. uint8 shards are windowed when written, so only the default applies to them.
-    hu_window: tuple[float, float] = (-1000.0, 200.0)
+    hu_window: tuple[float, float] = PAPER_HU_WINDOW
     # LayerNorm after the last block (the paper's ViT); false leaves token norms unequal, so a
     # token holding a strong local finding stands out in HILT's softmax (see docs/MODEL.md).
     final_norm: bool = True

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hilt_scale.model.config import VISION_INPUTS, Size3, VisionConfig
+from hilt_scale.model.config import CALCIUM_STEM_CHANNELS, VISION_INPUTS, Size3, VisionConfig
 
 
 class Attention(nn.Module):
@@ -71,30 +71,43 @@ def local_contrast(unit: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
 def input_channels(x: torch.Tensor, mode: str) -> torch.Tensor:
     """The ViT's input from a volume centred to [-1, 1]: [B, 1, D, H, W] for "window" (returned as
     it is) and "window+contrast" (plus the local contrast of its [0, 1] form); [B, 2, D, H, W] =
-    (window, calcium window) for "window+contrast+calcium" -> (window, its local contrast, calcium)."""
+    (window, calcium window) for "window+contrast+calcium" -> (window, its local contrast, calcium
+    in [0, 1]: no calcium is 0, as the stem's zero padding, so the volume's border is no edge)."""
     if mode == "window":
         return x
     if mode == "window+contrast":
         return torch.cat([x, local_contrast((x + 1.0) * 0.5)], dim=1)
     if mode == "window+contrast+calcium":
-        return torch.cat([x[:, :1], local_contrast((x[:, :1] + 1.0) * 0.5), x[:, 1:]], dim=1)
+        return torch.cat([x[:, :1], local_contrast((x[:, :1] + 1.0) * 0.5), (x[:, 1:] + 1.0) * 0.5], dim=1)
     raise ValueError(f"vision.input={mode!r}; expected one of {tuple(VISION_INPUTS)}")
 
 
 class ConvStem(nn.Module):
     """Conv3d 3x3x3 (padding 1) + ReLU at voxel resolution, then the max of each channel over each
-    patch: [B, C_in, D, H, W] -> [B, N, channels], a one-voxel finding survives as a patch's max."""
+    patch: [B, C_in, D, H, W] -> [B, N, channels], a one-voxel finding survives as a patch's max.
 
-    def __init__(self, in_channels: int, channels: int, patch_size: Size3) -> None:
+    With ``calcium_channels`` the last input channel (calcium) has that many filters of its own,
+    after the ``channels`` of the others. In a shared filter the spot is rarely a patch's maximum
+    (edges in the other channels are), and max pooling passes gradient to the maximum alone, so
+    the filters never learn it; a calcium-only filter's maximum is the spot (round 7, SWEEPS.md)."""
+
+    def __init__(self, in_channels: int, channels: int, patch_size: Size3, calcium_channels: int = 0) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, channels, kernel_size=3, padding=1)
+        self.conv = nn.Conv3d(in_channels - (calcium_channels > 0), channels, kernel_size=3, padding=1)
+        self.calcium = nn.Conv3d(1, calcium_channels, kernel_size=3, padding=1) if calcium_channels else None
         self.patch_size = tuple(patch_size)
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         # max(ReLU(x)) = ReLU(max(x)) (ReLU is monotonic), so the ReLU runs on the patch maxima
         # alone; channels-last spares the CPU convolution two layout copies. Same values and
         # gradients as conv -> ReLU -> max, ~2.7x faster forward + backward (cpu-tiny, batch 4).
-        x = self.conv(volume.contiguous(memory_format=torch.channels_last_3d))
+        cl = torch.channels_last_3d
+        if self.calcium is None:
+            x = self.conv(volume.contiguous(memory_format=cl))
+        else:
+            x = torch.cat(
+                [self.conv(volume[:, :-1].contiguous(memory_format=cl)), self.calcium(volume[:, -1:])], dim=1
+            )
         return F.relu(F.max_pool3d(x, self.patch_size)).flatten(2).transpose(1, 2)
 
 
@@ -111,8 +124,9 @@ class ViT3D(nn.Module):
         self.width = cfg.width
         in_channels = VISION_INPUTS[cfg.input]
         if cfg.stem == "conv":
-            self.stem = ConvStem(in_channels, cfg.stem_channels, self.patch_size)
-            self.patch_embed = nn.Linear(cfg.stem_channels, cfg.width)
+            calcium = CALCIUM_STEM_CHANNELS if cfg.input == "window+contrast+calcium" else 0
+            self.stem = ConvStem(in_channels, cfg.stem_channels, self.patch_size, calcium)
+            self.patch_embed = nn.Linear(cfg.stem_channels + calcium, cfg.width)
         elif cfg.stem == "patch":
             self.stem = None
             # A linear map of each flattened patch: the same function as a Conv3d with stride =

@@ -37,13 +37,16 @@ def _phantom_raw(
     return raw
 
 
-def _shards(raw: Path, path: Path, size: tuple[int, int, int], log) -> str:
+def _shards(raw: Path, path: Path, size: tuple[int, int, int], log, dtype: str = "uint8") -> str:
     from hilt_scale.training.data import SAMPLES_PER_SHARD
     from shards.write import write_shards
 
+    path = path if dtype == "uint8" else path.with_name(f"{path.name}-{dtype}")
     if not (path / "index.json").exists():
-        log(f"shards at {size} -> {path}")
-        write_shards(raw, path, hr_size=size, samples_per_shard=SAMPLES_PER_SHARD, progress=False)
+        log(f"shards at {size} ({dtype}) -> {path}")
+        write_shards(
+            raw, path, hr_size=size, dtype=dtype, samples_per_shard=SAMPLES_PER_SHARD, progress=False
+        )
     return str(path)
 
 
@@ -55,19 +58,20 @@ def build_phantom_shards(
     valid_fraction: float = 0.2,
     log=print,
     lr_factor: int = 2,
+    dtype: str = "uint8",
 ) -> str:
     """One phantom of ``n`` volumes at HR ``size`` (D, H, W) and its shard set under ``out/data``
-    (named by n, size, seed, LR factor and validation fraction); a finished part is reused."""
+    (named by n, size, seed, LR factor, validation fraction and dtype); a finished part is reused."""
     raw = _phantom_raw(out / "data", n, size, seed, valid_fraction, log, lr_factor)
-    return _shards(raw, raw.with_name(f"shards-{raw.name}"), size, log)
+    return _shards(raw, raw.with_name(f"shards-{raw.name}"), size, log, dtype)
 
 
 def prepare_phantom(
-    out: Path, n: int, sizes: list[str], seed: int, log=print, lr_factor: int = 2
+    out: Path, n: int, sizes: list[str], seed: int, log=print, lr_factor: int = 2, dtype: str = "uint8"
 ) -> tuple[dict[str, str], str]:
     """One phantom (CT-RATE layout) for the whole sweep at the largest HR size, its physics labels
-    at ``lr_factor``, shards per HR size, one tokenizer: {hr size: shard set}, tokenizer dir. Built
-    once; a finished part is reused."""
+    at ``lr_factor``, shards (``dtype``) per HR size, one tokenizer: {hr size: shard set},
+    tokenizer dir. Built once; a finished part is reused."""
     from hilt_scale.training.data import split_reports, train_tokenizer_dir
     from shards.schema import parse_size
 
@@ -76,7 +80,7 @@ def prepare_phantom(
     native = tuple(max(p[i] for p in parsed.values()) for i in range(3))
     raw = _phantom_raw(data, n, native, seed, 0.2, log, lr_factor)
     shard_sets = {
-        text: _shards(raw, data / f"shards-{'x'.join(map(str, size))}", size, log)
+        text: _shards(raw, data / f"shards-{'x'.join(map(str, size))}", size, log, dtype)
         for text, size in parsed.items()
     }
     tokenizer = data / "tokenizer"
@@ -113,6 +117,21 @@ def sweep_lr_factor(specs: list[RunSpec], native: tuple[int, int, int], log=prin
         return factors.pop()
     log(f"phantom: runs use LR factors {sorted(map(str, factors))}; physics labels at factor 2")
     return 2
+
+
+def sweep_shard_dtype(specs: list[RunSpec]) -> str:
+    """The dtype of the sweep's phantom shards: int16 (HU) when any run's encoder reads HU above
+    the paper's window (``model.config.shard_dtype``), for every run, so all runs see the same data."""
+    from hilt_scale.model.config import model_config, shard_dtype
+    from hilt_scale.recipes import recipe
+
+    for s in specs:
+        rec = recipe(s.recipe)
+        sets = [x for x in [*rec.set, *s.sets] if x.startswith("vision.")]
+        vision = model_config(vision=s.flags.get("vision") or rec.vision, overrides=sets).vision
+        if shard_dtype(vision) == "int16":
+            return "int16"
+    return "uint8"
 
 
 def _fmt(seconds: float) -> str:
@@ -159,7 +178,8 @@ def run_sweep(
         sizes = sorted({_hr_size_of(s) for s in specs})
         native = tuple(max(parse_size(z)[i] for z in sizes) for i in range(3))
         factor = sweep_lr_factor(specs, native, log)
-        shard_sets, tokenizer = prepare_phantom(out, phantom["n"], sizes, phantom["seed"], log, factor)
+        dtype = sweep_shard_dtype(specs)
+        shard_sets, tokenizer = prepare_phantom(out, phantom["n"], sizes, phantom["seed"], log, factor, dtype)
         for s in specs:
             s.flags["data"] = shard_sets[_hr_size_of(s)]
             s.sets = [*s.sets, f"llm.tokenizer_path={tokenizer}"]
@@ -193,9 +213,13 @@ def run_sweep(
             if (run_dir / "checkpoints" / "LATEST").exists():
                 cmd.append("--resume")
             elapsed = time.perf_counter() - t0
-            eta = f", ETA {_fmt(elapsed / done_now * (started + len(todo) + 1 - done_now))}" if done_now else ""
+            eta = (
+                f", ETA {_fmt(elapsed / done_now * (started + len(todo) + 1 - done_now))}" if done_now else ""
+            )
             started += 1
-            log(f"[sweep] run {started}/{started + len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}")
+            log(
+                f"[sweep] run {started}/{started + len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}"
+            )
             write_text_atomic(run_dir / "command.txt", " ".join(cmd) + "\n")
             fh = open(run_dir / "train.log", "w", encoding="utf-8")  # noqa: SIM115 (closed when the run ends)
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hilt_scale.evaluation.scoring import roc_auc
-from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config
+from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config, shard_dtype
 from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.findings import max_mean
 from hilt_scale.model.mllm import build_vision, encode_volumes
@@ -237,9 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from hilt_scale.sweep.execute import build_phantom_shards
 
-        res = model_config(resolution=a.resolution, overrides=a.sets).resolution
+        cfg = model_config(vision=a.vision, resolution=a.resolution, overrides=a.sets)
         data = build_phantom_shards(
-            a.out, a.phantom_n, res.hr_size, a.phantom_seed, a.valid_fraction, lr_factor=lr_factor(res)
+            a.out,
+            a.phantom_n,
+            cfg.resolution.hr_size,
+            a.phantom_seed,
+            a.valid_fraction,
+            lr_factor=lr_factor(cfg.resolution),
+            dtype=shard_dtype(cfg.vision),
         )
     shard_set = open_shard_set(data)
     train, valid = load_split(shard_set, "train"), load_split(shard_set, "valid")

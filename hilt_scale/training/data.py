@@ -26,14 +26,17 @@ SAMPLES_PER_SHARD = 8
 TOKENIZER_VOCAB = 2048
 
 
-def cache_entry(cache: Path, n: int, size: tuple[int, int, int], seed: int, lr_factor: int = 2) -> Path:
+def cache_entry(
+    cache: Path, n: int, size: tuple[int, int, int], seed: int, lr_factor: int = 2, dtype: str = "uint8"
+) -> Path:
     """Directory of one phantom build, named by everything that changes its content (including the
-    generator's version, so a cache built by an older phantom is never reused silently, and the
-    HR/LR factor of its physics labels when it is not 2)."""
+    generator's version, so a cache built by an older phantom is never reused silently, the HR/LR
+    factor of its physics labels when it is not 2, and the shard dtype when it is not uint8)."""
     from shards.phantom import PHANTOM_VERSION
 
     name = f"phantom-v{PHANTOM_VERSION}-n{n}-{size[0]}x{size[1]}x{size[2]}-seed{seed}"
-    return cache / (name if lr_factor == 2 else f"{name}-lr{lr_factor}")
+    name = name if lr_factor == 2 else f"{name}-lr{lr_factor}"
+    return cache / (name if dtype == "uint8" else f"{name}-{dtype}")
 
 
 def split_reports(
@@ -94,10 +97,12 @@ def build_default(
     seed: int,
     log: Callable[[str], None] | None = None,
     lr_factor: int = 2,
+    dtype: str = "uint8",
 ) -> tuple[str, str]:
     """Return (shard set, tokenizer dir) of the phantom default, building them first if absent;
-    ``lr_factor`` is the HR/LR ratio its physics labels (lr_fill, visibility) are computed at."""
-    entry = cache_entry(cache, n, size, seed, lr_factor)
+    ``lr_factor`` is the HR/LR ratio its physics labels (lr_fill, visibility) are computed at,
+    ``dtype`` the shards' (int16 = HU, for an encoder that reads HU above the paper's window)."""
+    entry = cache_entry(cache, n, size, seed, lr_factor, dtype)
     shards, tokenizer = entry / "shards", entry / "tokenizer"
     if (shards / "index.json").exists() and tokenizer.is_dir():
         return str(shards), str(tokenizer)
@@ -112,7 +117,12 @@ def build_default(
         workers = min(2, os.cpu_count() or 1)
         generate_phantom(tmp / "ct-rate", n, size, seed=seed, workers=workers, lr_factor=lr_factor)
         write_shards(
-            tmp / "ct-rate", tmp / "shards", hr_size=size, samples_per_shard=SAMPLES_PER_SHARD, progress=False
+            tmp / "ct-rate",
+            tmp / "shards",
+            hr_size=size,
+            dtype=dtype,
+            samples_per_shard=SAMPLES_PER_SHARD,
+            progress=False,
         )
         train_tokenizer_dir(split_reports(tmp / "shards", "train"), tmp / "tokenizer")
         os.rename(tmp, entry)
@@ -133,7 +143,7 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, local_rank: int
     With a random-init LLM preset and no tokenizer, the report tokenizer is trained on the shard
     set's training reports and kept in the run directory.
     """
-    from hilt_scale.model.config import lr_factor
+    from hilt_scale.model.config import lr_factor, shard_dtype
     from hilt_scale.training.distributed import barrier
     from shards.schema import parse_size
 
@@ -141,12 +151,13 @@ def prepare_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, local_rank: int
         size = parse_size(cfg.phantom_size) if cfg.phantom_size else tuple(mcfg.resolution.hr_size)
         # The physics labels at the LR view this run uses (its LR size against the phantom's grid).
         factor = lr_factor(mcfg.resolution, size)
+        dtype = shard_dtype(mcfg.vision)  # HU shards when the encoder reads above the paper's window
         # One builder per node; the cache directory appears in one rename, so nodes never race.
         if local_rank == 0:
             log = print if rank == 0 else None
-            build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=log, lr_factor=factor)
+            build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log, factor, dtype)
         barrier()
-        return build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, log=None, lr_factor=factor)
+        return build_default(Path(cfg.cache), cfg.phantom_n, size, cfg.seed, None, factor, dtype)
     data = str(cfg.data)
     if mcfg.llm.path or mcfg.llm.tokenizer_path:
         return data, None

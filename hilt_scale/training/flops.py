@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hilt_scale.model.config import VISION_INPUTS, ModelConfig, Size3, grid
+from hilt_scale.model.config import CALCIUM_STEM_CHANNELS, VISION_INPUTS, ModelConfig, Size3, grid
 from shards.schema import CLASSES
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, per device; the first name fragment found
@@ -104,8 +104,9 @@ def vit_pass(cfg: ModelConfig, n_tokens: int, patch_voxels: int) -> dict[str, in
         + _linear(n_tokens, hidden, c)
     )
     if v.stem == "conv":
-        stem = 2 * n_tokens * patch_voxels * v.stem_channels * in_channels * 27
-        patch = _linear(n_tokens, v.stem_channels, c)
+        calcium = CALCIUM_STEM_CHANNELS if v.input == "window+contrast+calcium" else 0  # its own filters
+        stem = 2 * n_tokens * patch_voxels * (v.stem_channels * (in_channels - (calcium > 0)) + calcium) * 27
+        patch = _linear(n_tokens, v.stem_channels + calcium, c)
     else:
         stem, patch = 0, _linear(n_tokens, in_channels * patch_voxels, c)
     return {"stem": stem, "patch": patch, "blocks": v.depth * per_block}
