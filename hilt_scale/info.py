@@ -18,11 +18,10 @@ import json
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from hilt_scale.model.config import CONNECTOR_KINDS, ModelConfig, apply_overrides, model_config
 from hilt_scale.model.connectors import build_connector
-from hilt_scale.model.mllm import add_lora, build_vision, hf_config
+from hilt_scale.model.mllm import add_lora, build_vision, hf_config, vision_features
 from shards.schema import parse_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -78,11 +77,9 @@ def inspect_model(cfg: ModelConfig, with_llm: bool = True) -> dict[str, Any]:
     with torch.device("meta"):
         vision = build_vision(cfg)
         connector = build_connector(cfg.connector, cfg.vision.width, cfg.llm.hidden_size)
-        hr = torch.empty(1, 1, *res.hr_size)
-        lr = F.interpolate(hr, size=tuple(res.lr_size), mode="trilinear")
-        z_hr = vision(hr) if connector.needs_hr else None
-        z_lr = vision(lr) if connector.needs_lr else None
-        hr_grid = vision.grid_of(res.hr_size) if connector.needs_hr else None
+        # HU input (int16) suits every vision.input, the calcium channel's included
+        hr = torch.empty(1, 1, *res.hr_size, dtype=torch.int16)
+        z_hr, z_lr, hr_grid = vision_features(vision, connector, hr, res.lr_size, res.lr_view)
         visual = connector(z_hr, z_lr, hr_grid)
     n_hr = z_hr.shape[1] if z_hr is not None else 0
     n_lr = z_lr.shape[1] if z_lr is not None else 0

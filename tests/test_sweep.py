@@ -61,6 +61,21 @@ def test_every_connector_keeps_hilts_room_for_the_report(scale) -> None:
     assert rq.sets == ["connector.keys=global", "max_length=2048"]
 
 
+def test_an_hr_study_with_the_calcium_channel_plans_and_gets_hu_shards(capsys) -> None:
+    """The calcium channel's ViT takes two raw channels (window, calcium): the planner's meta-device
+    build fed it one and the sweep crashed before any run. Its phantom must be int16 (HU)."""
+    calcium = ["vision.input=window+contrast+calcium"]
+    rows = main(["--experiment", "hr-study", "--scale", "cpu", "--set", calcium[0], "--plan"])["plan"]
+    assert len(rows) == 18 and all(r["status"] == "planned" for r in rows), rows[0]
+    specs = expand(grids_for("hr-study", "cpu", {}), "cpu", [0], sets=calcium)
+    for s in specs:
+        s.flags["vision"] = "vit-micro-conv"  # the study's budget, as main sets it
+    assert execute.sweep_shard_dtype(specs) == "int16"
+    for s in specs:
+        s.sets = []
+    assert execute.sweep_shard_dtype(specs) == "uint8"
+
+
 def test_fig5d_paper_plan_70b_uses_zero3_and_4bit(capsys) -> None:
     rows = main(["--experiment", "fig5d", "--scale", "paper", "--plan"])["plan"]
     small, big = rows
