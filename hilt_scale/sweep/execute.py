@@ -213,13 +213,9 @@ def run_sweep(
             if (run_dir / "checkpoints" / "LATEST").exists():
                 cmd.append("--resume")
             elapsed = time.perf_counter() - t0
-            eta = (
-                f", ETA {_fmt(elapsed / done_now * (started + len(todo) + 1 - done_now))}" if done_now else ""
-            )
+            eta = f", ETA {_fmt(elapsed / done_now * (started + len(todo) + 1 - done_now))}" if done_now else ""
             started += 1
-            log(
-                f"[sweep] run {started}/{started + len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}"
-            )
+            log(f"[sweep] run {started}/{started + len(todo)} to do ({len(specs)} in the sweep): {spec.name}  elapsed {_fmt(elapsed)}{eta}")
             write_text_atomic(run_dir / "command.txt", " ".join(cmd) + "\n")
             fh = open(run_dir / "train.log", "w", encoding="utf-8")  # noqa: SIM115 (closed when the run ends)
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, env=env)
