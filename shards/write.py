@@ -389,8 +389,9 @@ def write_shards(
         "zstd_level": zstd_level,
         "format": INDEX_VERSION,
         "rescale": rescale,
-        "hu_range": list(stored_hu_range(dtype)),  # int16 once kept only the paper's window
     }
+    if dtype == "int16":  # int16 shards written before round 7 held the paper's window: rewrite them
+        params["hu_range"] = list(stored_hu_range(dtype))
     plan = plan_shards(records, samples_per_shard)
     jobs, infos = [], {}
     owned = _owned(out)
