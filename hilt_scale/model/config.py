@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from shards.schema import HU_WINDOW  # the paper's window: what uint8 shards hold
+
 Size3 = tuple[int, int, int]
 
 CONNECTOR_KINDS = ("hilt", "random-queries", "all-tokens", "pooled", "2d", "lr-only")
@@ -29,7 +31,6 @@ CALCIUM_WINDOW = (130.0, 1000.0)
 # patch maximum of those filters, so max pooling passes its gradient (docs/SWEEPS.md, round 7).
 CALCIUM_STEM_CHANNELS = 4
 VISION_STEMS = ("patch", "conv")
-PAPER_HU_WINDOW = (-1000.0, 200.0)  # = shards.schema.HU_WINDOW, what uint8 shards hold
 LR_VIEWS = ("area", "trilinear")
 QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,7 +39,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def shard_dtype(v: VisionConfig) -> str:
     """The shard dtype an encoder needs: "int16" (HU) for the calcium channel or a HU window other
     than the paper's, since uint8 shards hold the paper's window only; else "uint8"."""
-    needs_hu = v.input == "window+contrast+calcium" or tuple(v.hu_window) != PAPER_HU_WINDOW
+    needs_hu = v.input == "window+contrast+calcium" or tuple(v.hu_window) != HU_WINDOW
     return "int16" if needs_hu else "uint8"
 
 
@@ -65,7 +66,7 @@ class VisionConfig:
     stem_channels: int = 16
     # HU window of int16 (HU) input, mapped to [-1, 1]; the paper's [-1000, 200] clips calcium
     # (800 HU) to 200. uint8 shards are windowed when written, so only the default applies to them.
-    hu_window: tuple[float, float] = PAPER_HU_WINDOW
+    hu_window: tuple[float, float] = HU_WINDOW
     # LayerNorm after the last block (the paper's ViT); false leaves token norms unequal, so a
     # token holding a strong local finding stands out in HILT's softmax (see docs/MODEL.md).
     final_norm: bool = True
