@@ -36,6 +36,12 @@ QUANTIZATIONS = ("none", "nf4")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def stem_filters(v: VisionConfig) -> tuple[int, int]:
+    """The conv stem's filters: (shared, calcium-only); the calcium channel's own filters exist
+    with the calcium input only."""
+    return v.stem_channels, CALCIUM_STEM_CHANNELS if v.input == "window+contrast+calcium" else 0
+
+
 def shard_dtype(v: VisionConfig) -> str:
     """The shard dtype an encoder needs: "int16" (HU) for the calcium channel or a HU window other
     than the paper's, since uint8 shards hold the paper's window only; else "uint8"."""

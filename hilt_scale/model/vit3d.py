@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hilt_scale.model.config import CALCIUM_STEM_CHANNELS, VISION_INPUTS, Size3, VisionConfig
+from hilt_scale.model.config import VISION_INPUTS, Size3, VisionConfig, stem_filters
 
 
 class Attention(nn.Module):
@@ -61,10 +61,16 @@ def patchify(volume: torch.Tensor, patch_size: Size3) -> torch.Tensor:
 def local_contrast(unit: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
     """(voxel - mean of its 3x5x5 (D, H, W) neighbourhood) / (neighbourhood std + eps), per channel
     of a [B, C, D, H, W] volume; the neighbourhood is cut at the borders (no padding counted)."""
-    pool = dict(kernel_size=(3, 5, 5), stride=1, padding=(1, 2, 2), count_include_pad=False)
     unit = unit - unit.mean(dim=(2, 3, 4), keepdim=True)  # no change but less float32 cancellation
-    mean = F.avg_pool3d(unit, **pool)
-    var = (F.avg_pool3d(unit * unit, **pool) - mean * mean).clamp_min(0.0)
+    c = unit.shape[1]
+    # The box mean, one axis at a time: a box cut at the borders is the product of three cut
+    # intervals, so the three 1-D means (each over its own count) multiply to the 3-D mean; 3 + 5 + 5
+    # instead of 75 reads per voxel, and x and x^2 in one pass (~3x faster than avg_pool3d).
+    moments = torch.cat([unit, unit * unit], dim=1)
+    for kernel, padding in (((3, 1, 1), (1, 0, 0)), ((1, 5, 1), (0, 2, 0)), ((1, 1, 5), (0, 0, 2))):
+        moments = F.avg_pool3d(moments, kernel, stride=1, padding=padding, count_include_pad=False)
+    mean, mean_sq = moments[:, :c], moments[:, c:]
+    var = (mean_sq - mean * mean).clamp_min(0.0)
     return (unit - mean) / (var.sqrt() + eps)
 
 
@@ -101,13 +107,19 @@ class ConvStem(nn.Module):
         # max(ReLU(x)) = ReLU(max(x)) (ReLU is monotonic), so the ReLU runs on the patch maxima
         # alone; channels-last spares the CPU convolution two layout copies. Same values and
         # gradients as conv -> ReLU -> max, ~2.7x faster forward + backward (cpu-tiny, batch 4).
-        cl = torch.channels_last_3d
+        x = volume.contiguous(memory_format=torch.channels_last_3d)
         if self.calcium is None:
-            x = self.conv(volume.contiguous(memory_format=cl))
+            x = self.conv(x)
         else:
-            x = torch.cat(
-                [self.conv(volume[:, :-1].contiguous(memory_format=cl)), self.calcium(volume[:, -1:])], dim=1
+            # Both filter sets as one convolution over all channels, the weights they must not see
+            # held at zero (0 * x adds exactly nothing): ~1.6x faster forward + backward than two
+            # convolutions and a join of their voxel-sized maps (cpu-tiny, batch 4, one thread).
+            shared, calcium = self.conv.weight, self.calcium.weight  # [out, in, 3, 3, 3]
+            no_kernel_pad = (0, 0) * 3  # F.pad's pairs run from the last dimension: kernel, then in
+            weight = torch.cat(
+                [F.pad(shared, (*no_kernel_pad, 0, 1)), F.pad(calcium, (*no_kernel_pad, shared.shape[1], 0))]
             )
+            x = F.conv3d(x, weight, torch.cat([self.conv.bias, self.calcium.bias]), padding=1)
         return F.relu(F.max_pool3d(x, self.patch_size)).flatten(2).transpose(1, 2)
 
 
@@ -124,9 +136,9 @@ class ViT3D(nn.Module):
         self.width = cfg.width
         in_channels = VISION_INPUTS[cfg.input]
         if cfg.stem == "conv":
-            calcium = CALCIUM_STEM_CHANNELS if cfg.input == "window+contrast+calcium" else 0
-            self.stem = ConvStem(in_channels, cfg.stem_channels, self.patch_size, calcium)
-            self.patch_embed = nn.Linear(cfg.stem_channels + calcium, cfg.width)
+            shared, calcium = stem_filters(cfg)
+            self.stem = ConvStem(in_channels, shared, self.patch_size, calcium)
+            self.patch_embed = nn.Linear(shared + calcium, cfg.width)
         elif cfg.stem == "patch":
             self.stem = None
             # A linear map of each flattened patch: the same function as a Conv3d with stride =

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hilt_scale.model.config import CALCIUM_STEM_CHANNELS, VISION_INPUTS, ModelConfig, Size3, grid
+from hilt_scale.model.config import VISION_INPUTS, ModelConfig, Size3, grid, stem_filters
 from shards.schema import CLASSES
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, per device; the first name fragment found
@@ -104,9 +104,11 @@ def vit_pass(cfg: ModelConfig, n_tokens: int, patch_voxels: int) -> dict[str, in
         + _linear(n_tokens, hidden, c)
     )
     if v.stem == "conv":
-        calcium = CALCIUM_STEM_CHANNELS if v.input == "window+contrast+calcium" else 0  # its own filters
-        stem = 2 * n_tokens * patch_voxels * (v.stem_channels * (in_channels - (calcium > 0)) + calcium) * 27
-        patch = _linear(n_tokens, v.stem_channels + calcium, c)
+        # One convolution over all input channels; the calcium filters' weights on the other
+        # channels (and the others' on calcium) are zeros, but computed all the same.
+        filters = sum(stem_filters(v))
+        stem = 2 * n_tokens * patch_voxels * filters * in_channels * 27
+        patch = _linear(n_tokens, filters, c)
     else:
         stem, patch = 0, _linear(n_tokens, in_channels * patch_voxels, c)
     return {"stem": stem, "patch": patch, "blocks": v.depth * per_block}
