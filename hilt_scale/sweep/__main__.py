@@ -40,16 +40,21 @@ PASS_FLAGS = (
     "eval_batch",
     "max_new_tokens",
     "num_beams",
+    "vision_warmup_steps",
 )
 # The hr-study's budget, identical for every variant (docs/SWEEPS.md); flags override it.
-# 30 epochs as the main job: at 10 the models had not yet learned the HR-only findings' wording.
+# 720 steps as the main job (30 of its epochs): at a third of that the models had not yet
+# learned the HR-only findings' wording. Round 7 (docs/SWEEPS.md) measured this budget on a
+# 1,000-volume phantom with the calcium channel, so those are the hr-study's defaults too.
 STUDY_BUDGET = {
     "resolution": "cpu-tiny",
     "vision": "vit-micro-conv",  # the main job's encoder (and its finding loss, from the recipe)
     "llm": "llm-tiny",
-    "epochs": "30",
+    "max_steps": "720",
     "num_beams": "1",
 }
+STUDY_SETS = ["vision.input=window+contrast+calcium"]  # before the command line's --set
+STUDY_PHANTOM_N = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="shard set for every run (default: cpu = the sweep's own phantom; paper = recipe)"
     )
-    p.add_argument("--phantom-n", type=int, default=240, help="cpu scale: phantom volumes (default 240)")
+    p.add_argument(
+        "--phantom-n", type=int, default=None, help=f"cpu scale: phantom volumes (240; hr-study {STUDY_PHANTOM_N})"
+    )
     p.add_argument(
         "--phantom-seed", type=int, default=0, help="cpu scale: phantom seed, the same for every run"
     )
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         scale,
         seeds,
         {k: v for k, v in flags.items() if k not in ("vision", "llm", "connector")},
-        args.set,
+        (STUDY_SETS if exp == "hr-study" else []) + args.set,
         args.data,
     )
     for s in specs:
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     phantom = None
     if scale == "cpu" and args.data is None:
-        phantom = {"n": args.phantom_n, "seed": args.phantom_seed}
+        n = args.phantom_n or (STUDY_PHANTOM_N if exp == "hr-study" else 240)
+        phantom = {"n": n, "seed": args.phantom_seed}
     if args.collect:
         rows = execute.present(specs, out, phantom)
     else:
