@@ -61,16 +61,10 @@ def patchify(volume: torch.Tensor, patch_size: Size3) -> torch.Tensor:
 def local_contrast(unit: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
     """(voxel - mean of its 3x5x5 (D, H, W) neighbourhood) / (neighbourhood std + eps), per channel
     of a [B, C, D, H, W] volume; the neighbourhood is cut at the borders (no padding counted)."""
+    pool = dict(kernel_size=(3, 5, 5), stride=1, padding=(1, 2, 2), count_include_pad=False)
     unit = unit - unit.mean(dim=(2, 3, 4), keepdim=True)  # no change but less float32 cancellation
-    c = unit.shape[1]
-    # The box mean, one axis at a time: a box cut at the borders is the product of three cut
-    # intervals, so the three 1-D means (each over its own count) multiply to the 3-D mean; 3 + 5 + 5
-    # instead of 75 reads per voxel, and x and x^2 in one pass (~3x faster than avg_pool3d).
-    moments = torch.cat([unit, unit * unit], dim=1)
-    for kernel, padding in (((3, 1, 1), (1, 0, 0)), ((1, 5, 1), (0, 2, 0)), ((1, 1, 5), (0, 0, 2))):
-        moments = F.avg_pool3d(moments, kernel, stride=1, padding=padding, count_include_pad=False)
-    mean, mean_sq = moments[:, :c], moments[:, c:]
-    var = (mean_sq - mean * mean).clamp_min(0.0)
+    mean = F.avg_pool3d(unit, **pool)
+    var = (F.avg_pool3d(unit * unit, **pool) - mean * mean).clamp_min(0.0)
     return (unit - mean) / (var.sqrt() + eps)
 
 
