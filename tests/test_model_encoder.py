@@ -275,6 +275,39 @@ def test_the_calcium_channel_keeps_a_calcium_voxel_that_the_paper_window_clips_a
         encode_volumes(vit, conn, (8, 16, 16), torch.zeros(1, 1, 16, 32, 32, dtype=torch.uint8))
 
 
+def test_the_calcium_highpass_silences_bones_plateau_keeps_a_spot_and_lr_still_dilutes_it():
+    """vision.calcium=highpass: calcium in [0, 1] minus its 3x5x5 mean, times the gain. Checked
+    against a plain fp64 loop over each voxel's neighbourhood (cut at the borders)."""
+    import numpy as np
+
+    from hilt_scale.model.config import CALCIUM_HIGHPASS_GAIN
+    from hilt_scale.model.mllm import to_unit_range
+
+    hu = torch.full((1, 1, 8, 16, 16), 40, dtype=torch.int16)
+    hu[..., 9:] = 350  # bone: a plateau at 0.25 of the calcium window
+    hu[0, 0, 4, 5, 3] = 800  # a spot in soft tissue
+    x = torch.cat([to_unit_range(hu) * 2 - 1, to_unit_range(hu, (130.0, 1000.0)) * 2 - 1], 1).double()
+    got = input_channels(x, "window+contrast+calcium", "highpass")[0, 2].numpy()
+    c = ((x[0, 1] + 1) / 2).numpy()
+
+    def want(d, h, w):
+        box = c[max(d - 1, 0) : d + 2, max(h - 2, 0) : h + 3, max(w - 2, 0) : w + 3]
+        return CALCIUM_HIGHPASS_GAIN * (c[d, h, w] - box.mean())
+
+    for idx in [(4, 5, 3), (4, 5, 4), (0, 0, 0), (4, 5, 9), (4, 5, 12), (7, 15, 15)]:
+        assert got[idx] == pytest.approx(want(*idx), abs=1e-12), idx
+    assert got[4, 5, 3] > 2.5  # the spot: (0.77 - 0.77 / 45) x 4 (its box is cut at w = 0)
+    assert np.abs(got[:, :, 12:]).max() < 1e-12  # bone's interior: no signal (the window had 0.25)
+    assert np.abs(got[:, :, 9:]).max() < got[4, 5, 3] / 4  # bone's edge: well below the spot
+    # A linear map: in the LR view (the average of 8) the spot falls to ~1/8, as without it.
+    lr = input_channels(F.avg_pool3d(x, 2), "window+contrast+calcium", "highpass")[0, 2]
+    assert lr[2, 2, 1] < got[4, 5, 3] / 6
+    # The default keeps the plain window, and a misspelt mode is an error naming the key.
+    assert torch.equal(input_channels(x, "window+contrast+calcium")[:, 2:], (x[:, 1:] + 1) / 2)
+    with pytest.raises(ValueError, match="vision.calcium"):
+        model_config(resolution="cpu-micro", overrides=["vision.calcium=hipass"])
+
+
 def test_the_calcium_filters_see_the_calcium_channel_alone_and_the_others_never_see_it():
     from hilt_scale.model.vit3d import ConvStem
 

@@ -76,9 +76,9 @@ def test_an_hr_study_with_the_calcium_channel_plans_and_gets_hu_shards(capsys) -
     assert execute.sweep_shard_dtype(specs) == "uint8"
 
 
-def test_the_hr_study_runs_round_7s_recipe_by_default_and_the_command_line_overrides_it(capsys) -> None:
-    """Without flags every hr-study run gets the calcium channel and 720 steps (the recipe that met
-    target (a), docs/SWEEPS.md); a later --set and --max-steps replace them."""
+def test_the_hr_study_runs_its_recipe_by_default_and_the_command_line_overrides_it(capsys) -> None:
+    """Without flags every hr-study run gets the calcium channel (high-pass) and 720 steps (round 7's
+    recipe, docs/SWEEPS.md, plus round 9's high-pass); a later --set and --max-steps replace them."""
     default = main(["--experiment", "hr-study", "--quick", "--seeds", "0", "--plan"])["plan"]
     plain = main(
         ["--experiment", "hr-study", "--quick", "--seeds", "0", "--plan", "--max-steps", "9",
@@ -88,6 +88,7 @@ def test_the_hr_study_runs_round_7s_recipe_by_default_and_the_command_line_overr
     for row in default:
         command = row["launch"]
         assert "--set vision.input=window+contrast+calcium" in command and "--max-steps 720" in command
+        assert "--set vision.calcium=highpass" in command
     for row in plain:
         command = row["launch"]
         assert command.index("vision.input=window+contrast+calcium") < command.index("vision.input=window+contrast ")

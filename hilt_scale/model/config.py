@@ -30,6 +30,13 @@ CALCIUM_WINDOW = (130.0, 1000.0)
 # Conv-stem filters of their own for the calcium channel (they see it alone): a spot is then the
 # patch maximum of those filters, so max pooling passes its gradient (docs/SWEEPS.md, round 7).
 CALCIUM_STEM_CHANNELS = 4
+# What the calcium channel holds (vision.calcium): "window" = the calcium window in [0, 1];
+# "highpass" = that minus its local mean (the 3x5x5 neighbourhood of local_contrast), times
+# CALCIUM_HIGHPASS_GAIN: bone's plateau is then no signal and a one-voxel spot is.
+CALCIUM_MODES = ("window", "highpass")
+# A lone 800 HU spot is 0.77 in the calcium window; x4 puts it near 3, the scale at which the
+# contrast channel shows a small nodule, so the calcium filters start as loud as the shared ones.
+CALCIUM_HIGHPASS_GAIN = 4.0
 VISION_STEMS = ("patch", "conv")
 LR_VIEWS = ("area", "trilinear")
 QUANTIZATIONS = ("none", "nf4")
@@ -66,6 +73,8 @@ class VisionConfig:
     # paper's window clips away (needs HU input: int16 shards, which the trainer's phantom and
     # the sweep then write); with stem "conv" it has CALCIUM_STEM_CHANNELS filters of its own.
     input: str = "window"
+    # The calcium channel's form (CALCIUM_MODES; with vision.input=window+contrast+calcium only).
+    calcium: str = "window"
     # Token embedding: "patch" = a linear map of each flattened patch (the paper); "conv" = Conv3d
     # 3x3x3 (input channels -> stem_channels) + ReLU, max over each patch, then a linear map.
     stem: str = "patch"
@@ -439,6 +448,8 @@ def validate(cfg: ModelConfig) -> None:
         )
     if v.input not in VISION_INPUTS:
         raise ValueError(f"vision.input={v.input!r}; expected one of {tuple(VISION_INPUTS)}")
+    if v.calcium not in CALCIUM_MODES:
+        raise ValueError(f"vision.calcium={v.calcium!r}; expected one of {CALCIUM_MODES}")
     if v.stem not in VISION_STEMS:
         raise ValueError(f"vision.stem={v.stem!r}; expected one of {VISION_STEMS}")
     if len(v.hu_window) != 2 or not v.hu_window[0] < v.hu_window[1]:

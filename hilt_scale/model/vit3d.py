@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hilt_scale.model.config import VISION_INPUTS, Size3, VisionConfig, stem_filters
+from hilt_scale.model.config import CALCIUM_HIGHPASS_GAIN, VISION_INPUTS, Size3, VisionConfig, stem_filters
 
 
 class Attention(nn.Module):
@@ -58,27 +58,36 @@ def patchify(volume: torch.Tensor, patch_size: Size3) -> torch.Tensor:
     return x.reshape(b, (d // pd) * (h // ph) * (w // pw), c * pd * ph * pw)
 
 
+# A voxel's 3x5x5 (D, H, W) neighbourhood as avg_pool3d arguments, cut at the volume's borders
+# (no padding counted): the local mean of local_contrast and of the calcium high-pass.
+NEIGHBOURHOOD = dict(kernel_size=(3, 5, 5), stride=1, padding=(1, 2, 2), count_include_pad=False)
+
+
 def local_contrast(unit: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
     """(voxel - mean of its 3x5x5 (D, H, W) neighbourhood) / (neighbourhood std + eps), per channel
     of a [B, C, D, H, W] volume; the neighbourhood is cut at the borders (no padding counted)."""
-    pool = dict(kernel_size=(3, 5, 5), stride=1, padding=(1, 2, 2), count_include_pad=False)
     unit = unit - unit.mean(dim=(2, 3, 4), keepdim=True)  # no change but less float32 cancellation
-    mean = F.avg_pool3d(unit, **pool)
-    var = (F.avg_pool3d(unit * unit, **pool) - mean * mean).clamp_min(0.0)
+    mean = F.avg_pool3d(unit, **NEIGHBOURHOOD)
+    var = (F.avg_pool3d(unit * unit, **NEIGHBOURHOOD) - mean * mean).clamp_min(0.0)
     return (unit - mean) / (var.sqrt() + eps)
 
 
-def input_channels(x: torch.Tensor, mode: str) -> torch.Tensor:
+def input_channels(x: torch.Tensor, mode: str, calcium: str = "window") -> torch.Tensor:
     """The ViT's input from a volume centred to [-1, 1]: [B, 1, D, H, W] for "window" (returned as
     it is) and "window+contrast" (plus the local contrast of its [0, 1] form); [B, 2, D, H, W] =
     (window, calcium window) for "window+contrast+calcium" -> (window, its local contrast, calcium
-    in [0, 1]: no calcium is 0, as the stem's zero padding, so the volume's border is no edge)."""
+    in [0, 1]: no calcium is 0, as the stem's zero padding, so the volume's border is no edge).
+    ``calcium="highpass"``: the calcium in [0, 1] minus its local mean, times CALCIUM_HIGHPASS_GAIN
+    (a linear map, so the LR view's average dilutes a spot as much as before)."""
     if mode == "window":
         return x
     if mode == "window+contrast":
         return torch.cat([x, local_contrast((x + 1.0) * 0.5)], dim=1)
     if mode == "window+contrast+calcium":
-        return torch.cat([x[:, :1], local_contrast((x[:, :1] + 1.0) * 0.5), (x[:, 1:] + 1.0) * 0.5], dim=1)
+        spots = (x[:, 1:] + 1.0) * 0.5
+        if calcium == "highpass":
+            spots = (spots - F.avg_pool3d(spots, **NEIGHBOURHOOD)) * CALCIUM_HIGHPASS_GAIN
+        return torch.cat([x[:, :1], local_contrast((x[:, :1] + 1.0) * 0.5), spots], dim=1)
     raise ValueError(f"vision.input={mode!r}; expected one of {tuple(VISION_INPUTS)}")
 
 
@@ -163,7 +172,7 @@ class ViT3D(nn.Module):
 
     def forward(self, volume: torch.Tensor) -> torch.Tensor:
         token_grid = self.grid_of(volume.shape[-3:])
-        x = input_channels(volume.to(self.patch_embed.weight.dtype), self.cfg.input)
+        x = input_channels(volume.to(self.patch_embed.weight.dtype), self.cfg.input, self.cfg.calcium)
         x = self.patch_embed(self.stem(x) if self.stem is not None else patchify(x, self.patch_size))
         x = x + self.pos_embed_for(token_grid)
         for block in self.blocks:

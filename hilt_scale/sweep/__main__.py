@@ -45,7 +45,8 @@ PASS_FLAGS = (
 # The hr-study's budget, identical for every variant (docs/SWEEPS.md); flags override it.
 # 720 steps as the main job (30 of its epochs): at a third of that the models had not yet
 # learned the HR-only findings' wording. Round 7 (docs/SWEEPS.md) measured this budget on a
-# 1,000-volume phantom with the calcium channel, so those are the hr-study's defaults too.
+# 1,000-volume phantom with the calcium channel, so those are the hr-study's defaults too; round 9
+# added its high-pass form (a seed whose head never read aortic calcium read it then).
 STUDY_BUDGET = {
     "resolution": "cpu-tiny",
     "vision": "vit-micro-conv",  # the main job's encoder (and its finding loss, from the recipe)
@@ -53,7 +54,7 @@ STUDY_BUDGET = {
     "max_steps": "720",
     "num_beams": "1",
 }
-STUDY_SETS = ["vision.input=window+contrast+calcium"]  # before the command line's --set
+STUDY_SETS = ["vision.input=window+contrast+calcium", "vision.calcium=highpass"]  # before the command line's --set
 STUDY_PHANTOM_N = 1000
 
 
