@@ -185,6 +185,30 @@ def test_parallel_runs_overlap_get_their_share_of_threads_and_keep_the_order(tmp
         execute.run_sweep(specs, tmp_path, log=lambda *_: None, parallel=0)
 
 
+def test_an_exported_thread_count_that_oversubscribes_the_cores_is_kept_but_warned_about(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """OMP_NUM_THREADS=2 exported, --parallel 2, 2 cores: 4 threads on 2 cores (a step ~10x slower,
+    docs/SWEEPS.md round 9). The sweep keeps the user's value but says so, naming the fix."""
+    specs = expand(grids_for(None, "cpu", {"connector": ["hilt", "lr-only"]}), "cpu", [0])
+    code = "import os, sys; sys.exit(int(os.environ['OMP_NUM_THREADS']))"
+    for s in specs:
+        s.command = lambda out: [sys.executable, "-c", code]
+    monkeypatch.setattr(execute.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    logged: list[str] = []
+    rows = execute.run_sweep(specs, tmp_path, log=lambda *a: logged.append(" ".join(map(str, a))), parallel=2)
+    assert [r["rc"] for r in rows] == [2, 2]  # the user's value reached the runs
+    warning = [m for m in logged if "OMP_NUM_THREADS=2" in m]
+    assert len(warning) == 1 and "4 threads on 2 cores" in warning[0] and "unset it" in warning[0]
+    for value, parallel, cores in [("1", 2, 2), ("2", 2, 4), ("4", 1, 2)]:  # fits, or one run at a time
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        monkeypatch.setattr(execute.os, "cpu_count", lambda cores=cores: cores)
+        logged.clear()
+        execute.run_sweep(specs, tmp_path / f"{value}-{parallel}-{cores}", log=logged.append, parallel=parallel)
+        assert not [m for m in logged if "warning" in str(m)], (value, parallel, cores)
+
+
 def test_group_f1_tells_hr_only_from_lr_visible(tmp_path: Path) -> None:
     ref = "There is a millimetric nodule of 3 mm in the left lung upper lobe. Cardiomegaly is observed; the heart size is increased."
     records = [
