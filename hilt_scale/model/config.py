@@ -34,8 +34,9 @@ CALCIUM_STEM_CHANNELS = 4
 # "highpass" = that minus its local mean (the 3x5x5 neighbourhood of local_contrast), times
 # CALCIUM_HIGHPASS_GAIN: bone's plateau is then no signal and a one-voxel spot is.
 CALCIUM_MODES = ("window", "highpass")
-# A lone 800 HU spot is 0.77 in the calcium window; x4 puts it near 3, the scale at which the
-# contrast channel shows a small nodule, so the calcium filters start as loud as the shared ones.
+# A lone 800 HU spot is 0.77 in the calcium window; x4 puts it near 3, beside the shared stem
+# filters' largest outputs (~2.5 on the phantom, docs/SWEEPS.md round 9), where the calcium
+# filters' were ~0.5: the embedding no longer starts by ignoring them.
 CALCIUM_HIGHPASS_GAIN = 4.0
 VISION_STEMS = ("patch", "conv")
 LR_VIEWS = ("area", "trilinear")
