@@ -76,6 +76,20 @@ def test_an_hr_study_with_the_calcium_channel_plans_and_gets_hu_shards(capsys) -
     assert execute.sweep_shard_dtype(specs) == "uint8"
 
 
+def test_collect_finds_the_hu_shards_the_sweep_wrote(tmp_path: Path) -> None:
+    """--collect looked for uint8 shard names only, so an hr-study with HU shards got no shard set
+    and an empty constant-report row (round 9); a uint8 set beside them must not be taken."""
+    specs = expand(grids_for("hr-study", "cpu", {}), "cpu", [0], sets=["vision.input=window+contrast+calcium"])
+    for s in specs:
+        s.flags["vision"] = "vit-micro-conv"
+    for name in ("shards-32x64x64", "shards-32x64x64-int16"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "index.json").write_text("{}")
+    rows = execute.present(specs, tmp_path, {"n": 10, "seed": 0})
+    assert [r["status"] for r in rows] == ["not run"] * len(specs)
+    assert {s.flags.get("data") for s in specs} == {str(tmp_path / "data" / "shards-32x64x64-int16")}
+
+
 def test_the_hr_study_runs_its_recipe_by_default_and_the_command_line_overrides_it(capsys) -> None:
     """Without flags every hr-study run gets the calcium channel (high-pass) and 720 steps (round 7's
     recipe, docs/SWEEPS.md, plus round 9's high-pass); a later --set and --max-steps replace them."""

@@ -37,11 +37,16 @@ def _phantom_raw(
     return raw
 
 
+def _with_dtype(path: Path, dtype: str) -> Path:
+    """A shard set's directory name: uint8 sets keep ``path``, others get ``-{dtype}``."""
+    return path if dtype == "uint8" else path.with_name(f"{path.name}-{dtype}")
+
+
 def _shards(raw: Path, path: Path, size: tuple[int, int, int], log, dtype: str = "uint8") -> str:
     from hilt_scale.training.data import SAMPLES_PER_SHARD
     from shards.write import write_shards
 
-    path = path if dtype == "uint8" else path.with_name(f"{path.name}-{dtype}")
+    path = _with_dtype(path, dtype)
     if not (path / "index.json").exists():
         log(f"shards at {size} ({dtype}) -> {path}")
         write_shards(
@@ -277,12 +282,12 @@ def run_sweep(
 
 def present(specs: list[RunSpec], out: Path, phantom: dict | None) -> list[dict]:
     """Status rows from what is on disk, running nothing (``--collect`` while a sweep runs)."""
-    if phantom is not None:
-        data = sorted((out / "data").glob("shards-*"))
+    if phantom is not None:  # the shard sets run_sweep made (prepare_phantom's names)
+        dtype = sweep_shard_dtype(specs)
         for s in specs:
-            match = [d for d in data if d.name == f"shards-{_hr_size_of(s)}"]
-            if match:
-                s.flags["data"] = str(match[0])
+            path = _with_dtype(out / "data" / f"shards-{_hr_size_of(s)}", dtype)
+            if (path / "index.json").exists():
+                s.flags["data"] = str(path)
     rows = []
     for s in specs:
         done = finished(out / "runs" / s.name)
