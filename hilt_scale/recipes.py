@@ -21,12 +21,20 @@ def phantom_cpu() -> TrainConfig:
     # from the auxiliary finding loss, the report loss stopping at its output: with the report
     # loss alone it wrote one report for every volume. Footprint keys keep a one-voxel finding in
     # its LR token (vision probe, 3 seeds), and the finding head's probabilities reach the LLM as
-    # finding tokens, taught with the labels (docs/TRAINING.md, "The main job, measured").
+    # finding tokens, taught with the labels (docs/TRAINING.md, "The main job, measured"). A second
+    # finding head on the HR tokens (encoder_findings_loss) teaches the ViT to lift a one-voxel
+    # nodule into its token on every seed, not only on some (docs/SWEEPS.md, round 11).
     return TrainConfig(
         recipe="phantom-cpu",
         data=None,
         vision="vit-micro-conv",
-        set=["findings_loss=1.0", "vision_lm_grad=false", "connector.keys=footprint", "finding_tokens=teacher"],
+        set=[
+            "findings_loss=1.0",
+            "encoder_findings_loss=1.0",
+            "vision_lm_grad=false",
+            "connector.keys=footprint",
+            "finding_tokens=teacher",
+        ],
         connector="hilt",
         llm="llm-tiny",
         resolution="cpu-tiny",

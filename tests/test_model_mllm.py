@@ -302,7 +302,7 @@ def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp
         opt.step()
     with torch.no_grad():
         visual = aux.encode_images(batch["hr"])
-        logits = aux.finding_head(torch.cat([visual.amax(1), visual.mean(1)], -1))[:, col]  # max, mean
+        logits = aux.finding_logits(visual)[:, col]
     assert loss.item() < 0.1
     assert logits[[0, 2]].min() > logits[[1, 3]].max()
     # The export carries no head and rebuilds the inference model (LM loss alone), also from a
@@ -316,6 +316,39 @@ def test_findings_loss_trains_the_visual_path_and_is_not_exported(tokenizer, tmp
     assert again.finding_head is None and again.cfg.vision_lm_grad
     assert again.generate(batch["hr"], max_new_tokens=5) == aux.generate(batch["hr"], max_new_tokens=5)
     assert not any(k.startswith("finding_head") for k in aux.vision_state_dict())
+
+
+def test_encoder_findings_loss_adds_a_head_on_the_vit_tokens_the_connector_reads(tokenizer, tmp_path):
+    """encoder_findings_loss: a second head's BCE on the HR tokens (the LR ones for lr-only), added
+    to the loss with its weight; it needs the finding loss, trains, and is not exported."""
+    import torch.nn.functional as F
+
+    from hilt_scale.model.mllm import vision_features
+
+    with pytest.raises(ValueError, match="encoder_findings_loss > 0 needs findings_loss > 0"):
+        build_model(micro_cfg(encoder_findings_loss="1.0"), tokenizer)
+    for kind, side in (("hilt", 0), ("lr-only", 1)):
+        torch.manual_seed(0)
+        overrides = {"findings_loss": "2.0", "encoder_findings_loss": "0.5"}
+        model = build_model(model_config("vit-micro", kind, "llm-micro", "cpu-micro", overrides), tokenizer)
+        torch.manual_seed(0)
+        alone = build_model(model_config("vit-micro", kind, "llm-micro", "cpu-micro", {"findings_loss": "2.0"}), tokenizer)
+        batch = model.collator()(labelled_batch(4, positive=[0, 2], known=[0, 1, 2]))
+        res = model.cfg.resolution
+        with torch.no_grad():
+            total, without = model(batch).item(), alone(batch).item()
+            z = vision_features(model.vision, model.connector, batch["hr"], res.lr_size, res.lr_view)[side]
+            w = model.encoder_head.weight
+            logits = torch.cat([z.amax(1), z.mean(1)], -1) @ w.T + model.encoder_head.bias  # max+mean
+            per = F.binary_cross_entropy_with_logits(logits, batch["finding_labels"], reduction="none")[:3]
+        assert w.shape[1] == 2 * model.cfg.vision.width
+        assert total == pytest.approx(without + 0.5 * per.mean().item(), rel=1e-5)
+        model(batch).backward()
+        assert model.encoder_head.weight.grad.abs().sum() > 0
+    save_export(model, tmp_path / "export")
+    again = load_export(tmp_path / "export")
+    assert again.encoder_head is None and again.cfg.encoder_findings_loss == 0.0
+    assert not any(k.startswith("encoder_head") for k in model.vision_state_dict())
 
 
 def test_finding_tokens_carry_the_head_probabilities_into_the_llm_and_are_exported(tokenizer, tmp_path):

@@ -88,3 +88,34 @@ def test_probe_readouts_pool_tokens_as_named():
     assert pooled.shape == (2, 6)
     assert torch.equal(pooled[0, :3], pooled[1, :3])  # the max cannot tell them apart
     assert (pooled[1, 3:] > pooled[0, 3:]).all()  # the mean can
+
+
+def test_class_max_head_reads_a_lift_that_no_single_feature_maximum_shows():
+    """A token lifted along (1, -1) beside an edge token that is the maximum of every feature: the
+    per-feature max and the mean are the same with and without it, so no max+mean head can tell
+    the samples apart; class-max scores each token first and finds it."""
+    from hilt_scale.model.findings import FindingHead
+
+    with pytest.raises(ValueError, match="finding_readout"):
+        FindingHead(2, 1, "sum")
+    tokens = torch.zeros(2, 4, 2)
+    tokens[:, 0] = 5.0  # the edge: every feature's maximum, in both samples
+    tokens[1, 1] = torch.tensor([3.0, -3.0])  # the finding
+    tokens[1, 2] = torch.tensor([-3.0, 3.0])  # keeps sample 1's mean equal to sample 0's
+    plain, scored = FindingHead(2, 3, "max+mean"), FindingHead(2, 3, "class-max")
+    scored.load_state_dict(plain.state_dict())  # the same parameters serve both readouts
+    with torch.no_grad():
+        same = plain(tokens)
+        assert torch.allclose(same[0], same[1])
+        scored.weight.copy_(torch.tensor([[1.0, -1.0, 0.0, 0.0]] * 3))
+        scored.bias.zero_()
+        assert (scored(tokens)[1] - scored(tokens)[0] == 6.0).all()
+    # Against a loop over classes and tokens on random input.
+    torch.manual_seed(0)
+    x, head = torch.randn(3, 7, 5), FindingHead(5, 4, "class-max")
+    want = torch.empty(3, 4)
+    for b in range(3):
+        for k in range(4):
+            scores = [float(head.weight[k, :5] @ x[b, n]) for n in range(7)]
+            want[b, k] = max(scores) + float(head.weight[k, 5:] @ x[b].mean(0)) + float(head.bias[k])
+    assert torch.allclose(head(x), want, atol=1e-5)

@@ -40,6 +40,7 @@ def test_warm_up_trains_the_vision_path_and_leaves_the_llm_alone(data):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     in_vision = {n for n, p in model.named_parameters() if id(p) in vision and p.requires_grad}
     assert changed == in_vision and any(n.startswith("finding_head.") for n in changed)
+    assert any(n.startswith("encoder_head.") for n in changed)  # the recipe's encoder_findings_loss
     assert not any(n.startswith(("llm.", "finding_embed.")) for n in changed)
     assert log["steps"] == 30 and log["skipped"] == {}
     # The head learns the labels of the training volumes (loss of the last 3 steps vs the first 3).
@@ -49,7 +50,7 @@ def test_warm_up_trains_the_vision_path_and_leaves_the_llm_alone(data):
 def test_warm_up_needs_the_finding_loss(data):
     shards, tokenizer = data
     cfg = tiny_run(5, findings_loss=0.0)
-    cfg.set = [*cfg.set, "finding_tokens=none", "vision_lm_grad=true"]
+    cfg.set = [*cfg.set, "finding_tokens=none", "vision_lm_grad=true", "encoder_findings_loss=0"]
     model = build_run_model(cfg, run_model_config(cfg), tokenizer)
     with pytest.raises(ValueError, match="findings_loss > 0"):
         warm_up_vision(model, cfg, shards, rank=0, world=1, say=lambda _m: None)

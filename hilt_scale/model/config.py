@@ -22,6 +22,7 @@ ATTN_IMPLS = ("eager", "sdpa", "triton")
 ATTN_SCALES = ("rsqrt", "paper", "learned")
 ATTN_KEYS = ("global", "footprint")
 FINDING_TOKENS = ("none", "predicted", "teacher")
+FINDING_READOUTS = ("max+mean", "class-max")
 # vision.input -> the ViT's input channels per voxel.
 VISION_INPUTS = {"window": 1, "window+contrast": 2, "window+contrast+calcium": 3}
 # HU range of the calcium channel (vision.input=window+contrast+calcium): from the Agatston
@@ -194,6 +195,20 @@ class ModelConfig:
     # cross-entropy; samples without labels add nothing). 0 = the paper's objective, the report
     # loss alone. The head is a training aid: it is not exported.
     findings_loss: float = 0.0
+    # How that head reads the visual tokens (model/findings.py, FindingHead): "max+mean" = a linear
+    # map of their per-feature max and mean; "class-max" = each class's score on every token, its
+    # max over tokens, plus the linear map of the mean (a one-voxel finding is read from the token
+    # it lifts, in whatever direction the encoder put it).
+    finding_readout: str = "max+mean"
+    # Weight of a second finding loss, from a head of its own (same readout) on the ViT tokens the
+    # connector reads: the HR tokens, or the LR tokens where the connector reads those alone
+    # (lr-only). Deep supervision: the encoder is taught to make a finding stand out in the token
+    # it lifts before the connector has learned to pass that token on. Without it, a one-voxel
+    # nodule reached the finding head on some seeds and not others (HILT averages it with the
+    # other keys under its query, so its gradient back to the encoder starts weak); with it, on
+    # such a seed, the vision probe read small nodules at AUC 0.99 within 300 steps (SWEEPS.md,
+    # round 11). A training aid: needs findings_loss > 0, not exported. 0 = the paper.
+    encoder_findings_loss: float = 0.0
     # False: the report loss trains the connector, the LLM and its adapters but stops at the ViT's
     # output; the ViT then learns from the finding loss alone (needs findings_loss > 0), as a
     # separately trained vision tower would. True = the paper: the report loss trains everything.
@@ -480,6 +495,12 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"findings_loss={cfg.findings_loss}; expected a finite weight >= 0")
     if not cfg.vision_lm_grad and not cfg.findings_loss > 0:
         raise ValueError("vision_lm_grad=false needs findings_loss > 0: the ViT would learn from nothing")
+    if not 0.0 <= cfg.encoder_findings_loss < float("inf"):
+        raise ValueError(f"encoder_findings_loss={cfg.encoder_findings_loss}; expected a finite weight >= 0")
+    if cfg.encoder_findings_loss > 0 and not cfg.findings_loss > 0:
+        raise ValueError("encoder_findings_loss > 0 needs findings_loss > 0: it supports the finding head's loss")
+    if cfg.finding_readout not in FINDING_READOUTS:
+        raise ValueError(f"finding_readout={cfg.finding_readout!r}; expected one of {FINDING_READOUTS}")
     if cfg.finding_tokens not in FINDING_TOKENS:
         raise ValueError(f"finding_tokens={cfg.finding_tokens!r}; expected one of {FINDING_TOKENS}")
     if cfg.finding_tokens != "none" and not cfg.findings_loss > 0:

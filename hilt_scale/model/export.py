@@ -129,6 +129,7 @@ def load_export(export_dir: str | os.PathLike) -> HiltReportModel:
     # Training-only options: where the report loss stops means nothing at inference, and the
     # finding head is exported only when its finding tokens feed the LLM (finding_tokens).
     cfg.vision_lm_grad = True
+    cfg.encoder_findings_loss = 0.0
     if cfg.finding_tokens == "none":
         cfg.findings_loss = 0.0
     base_file = src / "llm_base" / "model.safetensors"

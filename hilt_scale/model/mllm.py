@@ -21,7 +21,7 @@ from torch import nn
 
 from hilt_scale.model.config import CALCIUM_WINDOW, LLMConfig, ModelConfig, Size3, grid, validate
 from hilt_scale.model.connectors import build_connector
-from hilt_scale.model.findings import FindingTokens, finding_targets, max_mean
+from hilt_scale.model.findings import FindingHead, FindingTokens, finding_targets
 from hilt_scale.model.tokenizer import train_report_tokenizer
 from hilt_scale.model.vit3d import ViT3D
 from shards.batch import stack_batch
@@ -370,9 +370,13 @@ class HiltReportModel(nn.Module):
         self.finding_head = self.finding_embed = None
         width = llm.get_input_embeddings().weight.shape[1]
         if cfg.findings_loss > 0 or cfg.finding_tokens != "none":
-            self.finding_head = nn.Linear(2 * width, len(CLASSES))
+            self.finding_head = FindingHead(width, len(CLASSES), cfg.finding_readout)
         if cfg.finding_tokens != "none":
             self.finding_embed = FindingTokens(len(CLASSES), width)
+        # The encoder's own finding head (ModelConfig.encoder_findings_loss): training only.
+        self.encoder_head = None
+        if cfg.encoder_findings_loss > 0:
+            self.encoder_head = FindingHead(vision.width, len(CLASSES), cfg.finding_readout)
         self.last_findings_loss: torch.Tensor | None = None
 
     @property
@@ -415,8 +419,8 @@ class HiltReportModel(nn.Module):
         return torch.sigmoid(self.finding_logits(self.visual_tokens(hr)))
 
     def finding_logits(self, visual: torch.Tensor) -> torch.Tensor:
-        """[B, 18] float logits of the finding head on [B, N, C] visual tokens (max + mean readout)."""
-        return self.finding_head(max_mean(visual).to(self.finding_head.weight.dtype)).float()
+        """[B, 18] float logits of the finding head on [B, N, C] visual tokens (``finding_readout``)."""
+        return self.finding_head(visual).float()
 
     def with_finding_tokens(self, visual: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
         """``visual`` followed by the 18 finding tokens of [B, 18] probabilities ``prob``."""
@@ -477,9 +481,20 @@ class HiltReportModel(nn.Module):
         loss = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
         if not self.cfg.findings_loss > 0:
             return loss
+        return loss + self.cfg.findings_loss * self.vision_loss(logits, z_hr, z_lr, batch)
+
+    def vision_loss(
+        self, logits: torch.Tensor, z_hr: torch.Tensor | None, z_lr: torch.Tensor | None, batch: dict
+    ) -> torch.Tensor:
+        """The vision path's objective in units of the finding loss: the finding head's loss on the
+        visual tokens' ``logits`` (kept in ``last_findings_loss``), plus encoder_findings_loss /
+        findings_loss x the encoder head's on the ViT tokens the connector read (HR, else LR)."""
         aux = self.finding_head_loss(logits, batch)
         self.last_findings_loss = aux.detach()
-        return loss + self.cfg.findings_loss * aux
+        if self.encoder_head is None:
+            return aux
+        encoder = self.finding_head_loss(self.encoder_head(z_hr if z_hr is not None else z_lr).float(), batch)
+        return aux + self.cfg.encoder_findings_loss / self.cfg.findings_loss * encoder
 
     def finding_head_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Binary cross-entropy of the finding head's [B, 18] logits over the samples that have

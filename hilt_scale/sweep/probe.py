@@ -2,19 +2,22 @@
 
     python -m hilt_scale.sweep.probe --out DIR [--variants hilt,lr-only,...] [--seeds 0,1,2]
         [--phantom-n 1000] [--phantom-seed 0] [--vision vit-micro-conv] [--resolution cpu-tiny]
-        [--set connector.attn_scale=learned ...] [--readout max+mean|max] [--epochs 12] [--device auto]
+        [--set connector.attn_scale=learned ...] [--readout max+mean|class-max|max] [--epochs 12]
+        [--device auto]
 
 The hr-study (``--experiment hr-study``) asks the whole model to write the findings; when a
 variant fails there, the vision path and the language side are confounded. This trains, per
-variant and seed, the same ViT and connector as the trainer (``encode_volumes``: the tokens the
+variant and seed, the same ViT and connector as the trainer (``vision_features``: the tokens the
 LLM would get) with a linear head on the max and the mean over tokens (the trainer's finding head
-reads the same; ``--readout max``: the max alone, as rounds 1-2), directly on the phantom's per-volume
+reads the same; ``--readout class-max``: each kind's score per token, then its max; ``--readout
+max``: the max alone, as rounds 1-2), directly on the phantom's per-volume
 finding kinds (multi-label BCE, one logit per kind), and reports the validation ROC AUC per kind
 and its mean over each physical group (``auc_hr_only``, ``auc_lr_visible``; 0.5 = chance), and for
 the attention connectors the validation attention entropy (nats; log N_HR = uniform). Same
 phantom (built once, as the sweep does, its physics labels at the resolution's HR/LR factor),
 same budget for every variant. ``--set section.field=value`` changes the model config as the
-trainer's ``--set`` does. Per run ``DIR/probe/NAME.json`` (rerun = resume: one ``--out`` per
+trainer's ``--set`` does (``--set findings_loss=1 --set encoder_findings_loss=1`` adds the
+trainer's encoder head and its loss). Per run ``DIR/probe/NAME.json`` (rerun = resume: one ``--out`` per
 configuration), then ``DIR/probe_results.json`` and ``.md``.
 """
 
@@ -34,8 +37,8 @@ from torch import nn
 from hilt_scale.evaluation.scoring import roc_auc
 from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config, shard_dtype
 from hilt_scale.model.connectors import build_connector
-from hilt_scale.model.findings import max_mean
-from hilt_scale.model.mllm import build_vision, encode_volumes
+from hilt_scale.model.findings import FINDING_READOUTS, FindingHead
+from hilt_scale.model.mllm import build_vision, vision_features
 from hilt_scale.sweep.grid import parse_list
 from hilt_scale.sweep.study import mean_std
 from shards.io import write_json_atomic, write_text_atomic
@@ -43,7 +46,7 @@ from shards.phantom_report import HR_ONLY_KINDS, KINDS, LR_VISIBLE_KINDS
 
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 GROUPS = {"auc_hr_only": HR_ONLY_KINDS, "auc_lr_visible": LR_VISIBLE_KINDS}
-READOUTS = ("max+mean", "max")
+READOUTS = (*FINDING_READOUTS, "max")
 
 
 def load_split(shard_set: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,18 +92,41 @@ class VisionProbe(nn.Module):
         width = self.cfg.llm.hidden_size
         self.vision = build_vision(self.cfg)
         self.connector = build_connector(self.cfg.connector, self.cfg.vision.width, width)
-        self.head = nn.Linear(width * (2 if readout == "max+mean" else 1), len(KIND_NAMES))
+        if readout == "max":
+            self.head = nn.Linear(width, len(KIND_NAMES))
+        else:
+            self.head = FindingHead(width, len(KIND_NAMES), readout)
+        # --set findings_loss=1 --set encoder_findings_loss=W: the trainer's encoder head, its loss
+        # weighted W / findings_loss beside the head's (HiltReportModel.vision_loss).
+        self.encoder_head = self.encoder_weight = None
+        if self.cfg.encoder_findings_loss > 0:
+            self.encoder_weight = self.cfg.encoder_findings_loss / self.cfg.findings_loss
+            self.encoder_head = FindingHead(
+                self.cfg.vision.width, len(KIND_NAMES), "max+mean" if readout == "max" else readout
+            )
 
     @property
     def visual_tokens(self) -> int:
         res, patch = self.cfg.resolution, self.vision.patch_size
         return self.connector.num_tokens(grid(res.hr_size, patch), grid(res.lr_size, patch))
 
-    def forward(self, hr: torch.Tensor) -> torch.Tensor:
+    def forward(self, hr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's logits, and the encoder head's (None without one)."""
         res = self.cfg.resolution
-        tokens = encode_volumes(self.vision, self.connector, res.lr_size, hr, res.lr_view)
-        tokens = tokens.float()
-        return self.head(max_mean(tokens) if self.readout == "max+mean" else tokens.amax(dim=1))
+        z_hr, z_lr, hr_grid = vision_features(self.vision, self.connector, hr, res.lr_size, res.lr_view)
+        tokens = self.connector(z_hr, z_lr, hr_grid).float()
+        logits = self.head(tokens.amax(dim=1) if self.readout == "max" else tokens)
+        if self.encoder_head is None:
+            return logits, None
+        return logits, self.encoder_head((z_hr if z_hr is not None else z_lr).float())
+
+    def loss(self, hr: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Multi-label BCE of the head (+ the encoder head's, weighted as the trainer does)."""
+        logits, encoder = self(hr)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        if encoder is not None:
+            loss = loss + self.encoder_weight * F.binary_cross_entropy_with_logits(encoder, labels)
+        return loss
 
 
 def run_probe(
@@ -130,7 +156,7 @@ def run_probe(
         perm, total = torch.randperm(len(xt), generator=gen), 0.0
         for b in range(0, len(xt), batch):
             idx = perm[b : b + batch]
-            loss = F.binary_cross_entropy_with_logits(model(xt[idx].to(device)), yt[idx].to(device))
+            loss = model.loss(xt[idx].to(device), yt[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -143,7 +169,7 @@ def run_probe(
     probs, entropies = [], []
     with torch.no_grad():
         for b in range(0, len(xv), batch):
-            probs.append(torch.sigmoid(model(xv[b : b + batch].to(device))).cpu())
+            probs.append(torch.sigmoid(model(xv[b : b + batch].to(device))[0]).cpu())
             if attends:
                 entropies.append(model.connector.last_entropy)
     probs = torch.cat(probs)

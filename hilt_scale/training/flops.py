@@ -204,7 +204,14 @@ def step_flops(cfg: ModelConfig, shape: LLMShape, micro_batches: list[tuple[int,
     lr = vit_pass(cfg, tok["lr"], tok["patch_voxels"]) if tok["lr"] else none
     conn = connector_pass(cfg, shape.hidden)
     out = {"vit_hr": 0, "vit_lr": 0, "connector": 0, "finding_head": 0, "llm": 0}
-    head = _linear(1, 2 * shape.hidden, len(CLASSES)) if cfg.findings_loss > 0 else 0
+    head = 0
+    if cfg.findings_loss > 0:  # class-max scores every visual token with the max half of the weight
+        max_rows = vision_tokens(cfg)["visual"] if cfg.finding_readout == "class-max" else 1
+        head = _linear(max_rows, shape.hidden, len(CLASSES)) + _linear(1, shape.hidden, len(CLASSES))
+    if cfg.encoder_findings_loss > 0:  # the encoder head scores the ViT tokens the connector reads
+        tok = vision_tokens(cfg)
+        rows = (tok["hr"] or tok["lr"]) if cfg.finding_readout == "class-max" else 1
+        head += _linear(rows, cfg.vision.width, len(CLASSES)) + _linear(1, cfg.vision.width, len(CLASSES))
     for volumes, text_len in micro_batches:
         # Trained parts: forward + input gradient + weight gradient (3F). Inputs that need no
         # gradient: the volume (the conv stem, or the linear patch embedding without one: 2F).

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hilt_scale.model.mllm import vision_features
 from hilt_scale.training.config import TrainConfig
 from hilt_scale.training.distributed import grad_accum
 from hilt_scale.training.loop import Batches, next_batch, nonempty
@@ -24,7 +25,7 @@ from hilt_scale.training.loop import Batches, next_batch, nonempty
 
 def vision_modules(model: Any) -> list[torch.nn.Module]:
     """The modules the warm-up trains: the encoder, the connector and the finding head."""
-    return [model.vision, model.connector, model.finding_head]
+    return [m for m in (model.vision, model.connector, model.finding_head, model.encoder_head) if m is not None]
 
 
 def warm_up_vision(model: Any, cfg: TrainConfig, data_path: str, rank: int, world: int, say: Any) -> dict:
@@ -57,10 +58,14 @@ def warm_up_vision(model: Any, cfg: TrainConfig, data_path: str, rank: int, worl
         total = torch.zeros((), device=device)
         for _ in range(accum):
             batch = next_batch(batches)
-            logits = model.finding_logits(model.visual_tokens(batch["hr"].to(device)))
-            loss = model.finding_head_loss(logits, batch) / accum
+            res = model.cfg.resolution
+            z_hr, z_lr, hr_grid = vision_features(
+                model.vision, model.connector, batch["hr"].to(device), res.lr_size, res.lr_view
+            )
+            logits = model.finding_logits(model.connector(z_hr, z_lr, hr_grid))
+            loss = model.vision_loss(logits, z_hr, z_lr, batch) / accum
             loss.backward()
-            total += loss.detach()
+            total += model.last_findings_loss / accum  # the finding head's part, as in training
         if world > 1:
             for p in params:
                 if p.grad is None:
