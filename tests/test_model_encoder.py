@@ -185,8 +185,8 @@ def test_the_model_encodes_its_lr_view_as_configured():
     with torch.no_grad():
         area = encode_volumes(vit, conn, (4, 8, 8), hr, "area")
         tri = encode_volumes(vit, conn, (4, 8, 8), hr, "trilinear")
-        x = (hr.float().clamp(-1000, 200) + 1000) / 1200 * 2 - 1
-        want = conn(None, vit(F.avg_pool3d(x, 4)), (0, 0, 0))
+        hu_lr = F.avg_pool3d(hr.float(), 4).round()  # HU volumes: resized in HU, then windowed
+        want = conn(None, vit((hu_lr.clamp(-1000, 200) + 1000) / 1200 * 2 - 1), (0, 0, 0))
     assert torch.allclose(area, want, atol=1e-5) and not torch.allclose(area, tri, atol=1e-3)
 
 
@@ -238,7 +238,8 @@ def test_a_wider_hu_window_keeps_calcium_apart_from_soft_tissue():
 def test_the_calcium_channel_keeps_a_calcium_voxel_that_the_paper_window_clips_and_lr_dilutes():
     """vision.input=window+contrast+calcium: the ViT gets (window, local contrast, HU in [130, 1000]),
     HR and LR alike. A one-voxel 800 HU spot beside 350 HU bone: the paper window makes them equal,
-    the calcium channel keeps them apart at HR, and the LR view (average of 8) dilutes the spot."""
+    the calcium channel keeps them apart at HR, and the LR view, which averages HU before the
+    windows as a coarser scanner voxel does, leaves the spot at the calcium window's floor."""
     cfg = model_config(
         vision="vit-micro-conv", connector="hilt", resolution="cpu-micro",
         overrides=["vision.input=window+contrast+calcium"],
@@ -263,9 +264,13 @@ def test_the_calcium_channel_keeps_a_calcium_voxel_that_the_paper_window_clips_a
     assert hr_in.shape == (1, 2, 16, 32, 32) and torch.equal(hr_in[:, 1:], calcium)
     assert hr_in[0, 0, 5, 6, 7] == hr_in[0, 0, 5, 6, 25] == 1.0  # the paper window: spot == bone
     assert hr_in[0, 1, 5, 6, 7] > hr_in[0, 1, 5, 6, 25] + 0.9  # the calcium channel: apart
-    assert torch.allclose(lr_in, F.avg_pool3d(hr_in, 2))
+    hu_lr = F.avg_pool3d(hr.float(), 2).round()  # the spot's LR voxel: (800 + 7 x 40) / 8 = 135 HU
+    assert torch.allclose(lr_in[:, :1], (hu_lr.clamp(-1000, 200) + 1000) / 1200 * 2 - 1, atol=1e-6)
+    assert torch.allclose(lr_in[:, 1:], (hu_lr.clamp(130, 1000) - 130) / 870 * 2 - 1, atol=1e-6)
     spot_lr = lr_in[0, 1, 2, 3, 3]
-    assert spot_lr == pytest.approx(-1 + 2 * (800 - 130) / 870 / 8, rel=1e-5)  # 1/8 of the spot
+    assert spot_lr == pytest.approx(-1 + 2 * (135 - 130) / 870, abs=1e-6)  # at the window's floor
+    # Windowing first would have kept 1/8 of the spot's 0.77 on a background of exactly 0.
+    assert (spot_lr + 1) / 2 < (F.avg_pool3d(hr_in, 2)[0, 1, 2, 3, 3] + 1) / 2 / 15
     assert spot_lr < lr_in[0, 1, 2, 3, 12]  # below the bone's LR voxels
     x = input_channels(hr_in, cfg.vision.input)
     assert x.shape == (1, 3, 16, 32, 32)
