@@ -46,10 +46,10 @@ from hilt_scale.model.mllm import (
     HiltReportModel,
     add_lora,
     build_llm,
-    build_vision,
     hf_config,
     resolve_attn_implementation,
 )
+from hilt_scale.model.visual import build_vision
 from shards.io import write_json_atomic, write_text_atomic
 
 GIB = 2**30

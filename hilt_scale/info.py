@@ -21,7 +21,8 @@ import torch
 
 from hilt_scale.model.config import CONNECTOR_KINDS, ModelConfig, apply_overrides, model_config
 from hilt_scale.model.connectors import build_connector
-from hilt_scale.model.mllm import add_lora, build_vision, hf_config, vision_features
+from hilt_scale.model.mllm import add_lora, hf_config
+from hilt_scale.model.visual import build_vision, vision_features
 from shards.schema import parse_size
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -13,7 +13,7 @@ from torch import nn
 from hilt_scale.model.attention import attention_entropy, hilt_attention
 from hilt_scale.model.config import ConnectorConfig, VisionConfig, lr_factor, model_config, preset
 from hilt_scale.model.connectors import HiltConnector, make_projector
-from hilt_scale.model.mllm import build_vision, encode_volumes, lr_view
+from hilt_scale.model.visual import build_vision, encode_volumes, lr_view
 from hilt_scale.model.vit3d import ViT3D, input_channels, local_contrast
 from shards.phantom_report import HR_ONLY_KINDS
 
@@ -222,7 +222,7 @@ def test_the_trainer_labels_its_phantom_at_the_lr_factor_it_uses(tmp_path):
 
 
 def test_a_wider_hu_window_keeps_calcium_apart_from_soft_tissue():
-    from hilt_scale.model.mllm import to_unit_range
+    from hilt_scale.model.visual import to_unit_range
 
     hu = torch.tensor([[-1000, 40, 200, 800]], dtype=torch.int16)
     paper = to_unit_range(hu)
@@ -286,7 +286,7 @@ def test_the_calcium_highpass_silences_bones_plateau_keeps_a_spot_and_lr_still_d
     import numpy as np
 
     from hilt_scale.model.config import CALCIUM_HIGHPASS_GAIN
-    from hilt_scale.model.mllm import to_unit_range
+    from hilt_scale.model.visual import to_unit_range
 
     hu = torch.full((1, 1, 8, 16, 16), 40, dtype=torch.int16)
     hu[..., 9:] = 350  # bone: a plateau at 0.25 of the calcium window

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hilt_scale.model.attention import hilt_attention
 from hilt_scale.model.config import ConnectorConfig, VisionConfig, model_config
 from hilt_scale.model.connectors import HiltConnector, build_connector
-from hilt_scale.model.mllm import build_vision
+from hilt_scale.model.visual import build_vision
 from hilt_scale.model.vit3d import ViT3D, patchify
 
 
@@ -266,7 +266,7 @@ def test_footprint_keys_need_hilt_and_build_a_model():
     for kind in ("lr-only", "all-tokens", "pooled", "2d"):  # no attention: the keys are unused
         model_config(connector=kind, resolution="cpu-micro", overrides={"connector.keys": "footprint"})
     cfg = model_config(connector="hilt", resolution="cpu-micro", overrides={"connector.keys": "footprint"})
-    from hilt_scale.model.mllm import encode_volumes
+    from hilt_scale.model.visual import encode_volumes
 
     torch.manual_seed(0)
     vision = build_vision(cfg)

@@ -14,8 +14,8 @@ from hilt_scale.model.mllm import (
     build_model,
     build_tokenizer,
     prompt_token_parts,
-    to_unit_range,
 )
+from hilt_scale.model.visual import to_unit_range
 
 REPORTS = [
     "Findings: The heart is normal in size. No pleural effusion.",
@@ -323,7 +323,7 @@ def test_encoder_findings_loss_adds_a_head_on_the_vit_tokens_the_connector_reads
     to the loss with its weight; it needs the finding loss, trains, and is not exported."""
     import torch.nn.functional as F
 
-    from hilt_scale.model.mllm import vision_features
+    from hilt_scale.model.visual import vision_features
 
     with pytest.raises(ValueError, match="encoder_findings_loss > 0 needs findings_loss > 0"):
         build_model(micro_cfg(encoder_findings_loss="1.0"), tokenizer)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hilt_scale.evaluation.scoring import roc_auc
 from hilt_scale.model.findings import FindingHead
-from hilt_scale.model.mllm import vision_features
+from hilt_scale.model.visual import vision_features
 from hilt_scale.sweep.probe import KIND_NAMES, VisionProbe, load_split
 from shards.read import open_shard_set
 

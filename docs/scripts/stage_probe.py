@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from hilt_scale.evaluation.scoring import roc_auc
-from hilt_scale.model import mllm
 from hilt_scale.model.attention import footprint_attention
-from hilt_scale.model.mllm import lr_view
+from hilt_scale.model.visual import lr_view, vision_input
 from hilt_scale.model.vit3d import input_channels
 from hilt_scale.sweep.probe import KIND_NAMES, VisionProbe, load_split
 from shards.read import open_shard_set
@@ -41,8 +40,8 @@ res = model.cfg.resolution
 
 def stages(hr):
     # vision_features for hilt, keeping every stage
-    x = mllm.vision_input(hr, vis.cfg)
-    lr = mllm.vision_input(lr_view(hr.float(), res.lr_size, res.lr_view).round().to(hr.dtype), vis.cfg)
+    x = vision_input(hr, vis.cfg)
+    lr = vision_input(lr_view(hr.float(), res.lr_size, res.lr_view).round().to(hr.dtype), vis.cfg)
 
     def run(v):
         c = input_channels(v, vis.cfg.input, vis.cfg.calcium)

@@ -38,7 +38,7 @@ from hilt_scale.evaluation.scoring import roc_auc
 from hilt_scale.model.config import CONNECTOR_KINDS, grid, lr_factor, model_config, shard_dtype
 from hilt_scale.model.connectors import build_connector
 from hilt_scale.model.findings import FINDING_READOUTS, FindingHead
-from hilt_scale.model.mllm import build_vision, vision_features
+from hilt_scale.model.visual import build_vision, vision_features
 from hilt_scale.sweep.grid import parse_list
 from hilt_scale.sweep.study import mean_std
 from shards.io import write_json_atomic, write_text_atomic

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hilt_scale.model.mllm import vision_features
+from hilt_scale.model.visual import vision_features
 from hilt_scale.training.config import TrainConfig
 from hilt_scale.training.distributed import grad_accum
 from hilt_scale.training.loop import Batches, next_batch, nonempty
