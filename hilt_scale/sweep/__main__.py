@@ -49,12 +49,16 @@ PASS_FLAGS = (
 # warm-up (1,200 + 480 instead of the recipe's 480 + 720): on the same phantom and seeds every
 # HILT seed scored higher on HR-only and LR-visible findings, two of three learned nodules (one
 # before), and each HILT run takes about as long (a warm-up step costs ~half a full step).
+# Round 12 cut it to 400 + 360: with round 11's encoder finding head HILT reads nodules within
+# 400 warm-up steps, and on a phantom no run had seen HILT led lr-only and random queries on every
+# seed while --quick took about half as long; 400 + 200 was too few report steps (the reports
+# missed what the heads read).
 STUDY_BUDGET = {
     "resolution": "cpu-tiny",
     "vision": "vit-micro-conv",  # the main job's encoder (and its finding loss, from the recipe)
     "llm": "llm-tiny",
-    "vision_warmup_steps": "1200",
-    "max_steps": "480",
+    "vision_warmup_steps": "400",
+    "max_steps": "360",
     "num_beams": "1",
 }
 STUDY_SETS = ["vision.input=window+contrast+calcium", "vision.calcium=highpass"]  # before the command line's --set
