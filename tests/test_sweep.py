@@ -92,8 +92,8 @@ def test_collect_finds_the_hu_shards_the_sweep_wrote(tmp_path: Path) -> None:
 
 def test_the_hr_study_runs_its_recipe_by_default_and_the_command_line_overrides_it(capsys) -> None:
     """Without flags every hr-study run gets the calcium channel (high-pass), 400 vision warm-up
-    steps and 360 full steps (docs/SWEEPS.md, rounds 7, 9 and 12); a later --set and --max-steps
-    replace them."""
+    steps and 300 full steps of one micro-batch of 8 (docs/SWEEPS.md, rounds 7, 9, 12 and 13); a
+    later --set and --max-steps replace them."""
     default = main(["--experiment", "hr-study", "--quick", "--seeds", "0", "--plan"])["plan"]
     plain = main(
         ["--experiment", "hr-study", "--quick", "--seeds", "0", "--plan", "--max-steps", "9",
@@ -102,12 +102,13 @@ def test_the_hr_study_runs_its_recipe_by_default_and_the_command_line_overrides_
     assert len(default) == len(plain) == 3
     for row in default:
         command = row["launch"]
-        assert "--set vision.input=window+contrast+calcium" in command and "--max-steps 360" in command
+        assert "--set vision.input=window+contrast+calcium" in command and "--max-steps 300" in command
         assert "--set vision.calcium=highpass" in command and "--vision-warmup-steps 400" in command
+        assert "--micro-batch 8" in command and "--eval-batch 16" in command
     for row in plain:
         command = row["launch"]
         assert command.index("vision.input=window+contrast+calcium") < command.index("vision.input=window+contrast ")
-        assert "--max-steps 9" in command and "--max-steps 360" not in command
+        assert "--max-steps 9" in command and "--max-steps 300" not in command
 
 
 def test_fig5d_paper_plan_70b_uses_zero3_and_4bit(capsys) -> None:
