@@ -143,6 +143,8 @@ def test_overfit_one_batch_gradients_generation_and_export(tokenizer, tmp_path):
     assert len(greedy) == 2 and all(isinstance(t, str) and t for t in greedy)
     assert greedy == beam
     assert greedy == REPORTS[:2]
+    # One volume at a time writes what the batch wrote (--eval-batch changes the speed only).
+    assert [model.generate(batch["hr"][i : i + 1], max_new_tokens=40, num_beams=3)[0] for i in range(2)] == beam
     assert model.training  # generate restores the mode
     # The overfit model reads the image: swapping the two volumes makes its reports unlikely.
     dep = model.image_dependence(batch)
